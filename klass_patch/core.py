@@ -1,0 +1,251 @@
+"""The KLASS algorithm (KL-Adaptive Stability Sampling), independent of any model family.
+
+At every denoising step a masked position is *ready* when its predicted token is confident
+(probability above ``conf_threshold``) and its predictive distribution is stable (the KL divergence
+between consecutive steps stayed below ``kl_threshold`` for the last ``kl_history_length`` steps).
+Ready positions are unmasked together (or one of them, per ``unmask_strategy``); a row with no ready
+position falls back to a rule its model family supplies.
+
+This module holds the pieces that do not depend on Dream or LLaDA:
+
+- :class:`KlassConfig`: the parameters and their validation;
+- :class:`StabilityTracker`: per-position float64 distributions, KL divergences and their history,
+  computed only at the positions a caller asks for (never the whole sequence);
+- :func:`ready_mask` and :func:`select_ready`: the stability/confidence test and the unmask strategies;
+- :class:`StepRecorder`: the per-step records (``save_steps``), one host transfer per step.
+
+Numerics follow the authors' reference exactly: ``p = softmax(logits.double())`` and
+``KL = sum(p * (log(p + 1e-12) - log(p_prev + 1e-12)))`` with ``p_prev = 0`` before the first forward.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+
+__all__ = [
+    "EPS",
+    "GenerateOutput",
+    "STRATEGIES",
+    "KlassConfig",
+    "StabilityTracker",
+    "StepRecorder",
+    "ready_mask",
+    "select_ready",
+    "write_steps_jsonl",
+]
+
+EPS = 1e-12
+STRATEGIES = ("all", "max_conf", "min_kl")
+# Positions processed together in the float64 work: bounds the temporaries to CHUNK x vocab.
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class KlassConfig:
+    """KLASS parameters. Invalid values raise ``ValueError`` naming the parameter and what is allowed."""
+
+    conf_threshold: float = 0.9
+    kl_threshold: float = 0.01
+    kl_history_length: int = 2
+    unmask_strategy: str = "all"
+
+    def __post_init__(self):
+        c = self.conf_threshold
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0.0 <= float(c) <= 1.0:
+            raise ValueError(f"conf_threshold must be a number in [0, 1], got {c!r}")
+        k = self.kl_threshold
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not float(k) > 0.0 or math.isnan(k):
+            raise ValueError(f"kl_threshold must be a number > 0, got {k!r}")
+        n = self.kl_history_length
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"kl_history_length must be a positive int, got {n!r}")
+        if self.unmask_strategy not in STRATEGIES:
+            raise ValueError(
+                f"unmask_strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {self.unmask_strategy!r}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, defaults: Optional[object] = None) -> "KlassConfig":
+        """Pop the KLASS parameters out of ``kwargs`` (missing ones from ``defaults``' attributes, then ours)."""
+        values = {}
+        for name in cls.__dataclass_fields__:
+            if name in kwargs:
+                values[name] = kwargs.pop(name)
+            elif defaults is not None and getattr(defaults, name, None) is not None:
+                values[name] = getattr(defaults, name)
+        return cls(**values)
+
+
+@dataclass
+class GenerateOutput:
+    """What a ``return_dict_in_generate=True`` call returns.
+
+    ``sequences``: ``[rows, length]`` ids. ``used_steps``: ``[rows]`` number of model forwards each row made
+    (what it would have made alone). ``history``: the step records when ``save_steps=True``, else
+    upstream's history (Dream's ``output_history``: one tensor per step) or ``None``.
+    """
+
+    sequences: torch.LongTensor
+    used_steps: torch.LongTensor
+    history: Optional[list] = None
+
+
+def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
+    """Warn once when a run ends with masked positions left (the reference keeps them; so do we)."""
+    left = (x[:, start:] == mask_id).sum(-1)
+    total = int(left.sum())
+    if total:
+        warnings.warn(
+            f"KLASS ran out of steps with {total} masked position(s) left (per row: {left.tolist()}); "
+            "the result keeps them, as the authors' sampler does. Use more steps or unmask_strategy='all'.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _log_eps(device) -> torch.Tensor:
+    # log(0 + 1e-12) computed exactly as the reference does for p_prev = 0.
+    return torch.log(torch.zeros((), dtype=torch.float64, device=device) + EPS)
+
+
+class StabilityTracker:
+    """KL divergence between consecutive steps and its history, for a ``[rows, length]`` grid of positions.
+
+    Only a window of ``width`` positions per row, starting at ``start``, can ever be tracked; a position
+    ``pos`` lives in slot ``(pos - start) % width``, so a window narrower than the generation (LLaDA: two
+    blocks) is a ring. For each tracked slot the tracker keeps ``log(p_prev + 1e-12)`` in float64, the
+    only vocabulary-sized state, and updates it in place.
+    """
+
+    def __init__(self, rows: int, length: int, start: int, width: int, history_length: int, device):
+        self.rows, self.length, self.start, self.width = rows, length, start, width
+        self.device = torch.device(device)
+        self.history = torch.zeros((rows, length, history_length), dtype=torch.float64, device=self.device)
+        self._log_prev: Optional[torch.Tensor] = None  # [rows * width, V], allocated at the first update
+
+    def _slots(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return rows * self.width + (pos - self.start) % self.width
+
+    def _store(self, vocab: int) -> torch.Tensor:
+        if self._log_prev is None:
+            self._log_prev = _log_eps(self.device).expand(self.rows * self.width, vocab).clone()
+        return self._log_prev
+
+    def update(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tokens: Optional[torch.Tensor] = None):
+        """Advance positions ``(rows[i], pos[i])`` by one step, given their logits ``[N, V]``.
+
+        Returns ``(tokens, confidence, kl)``: the token (``tokens`` if given, else the float64 argmax),
+        its float64 probability, and the KL to the previous step. The KL is pushed into the history.
+        """
+        n = logits.shape[0]
+        store = self._store(logits.shape[-1])
+        slots = self._slots(rows, pos)
+        out_tok = torch.empty(n, dtype=torch.long, device=self.device)
+        conf = torch.empty(n, dtype=torch.float64, device=self.device)
+        kl = torch.empty(n, dtype=torch.float64, device=self.device)
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            p = torch.softmax(logits[a:b].to(torch.float64), dim=-1)
+            tok = p.argmax(-1) if tokens is None else tokens[a:b]
+            out_tok[a:b] = tok
+            conf[a:b] = p.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+            log_p = torch.log(p + EPS)
+            s = slots[a:b]
+            diff = log_p - store[s]
+            kl[a:b] = (p * diff).sum(-1)
+            store[s] = log_p  # this step's distribution is the next step's p_prev
+        h = self.history
+        h[rows, pos] = torch.cat([h[rows, pos, 1:], kl.unsqueeze(-1)], dim=-1)
+        return out_tok, conf, kl
+
+    def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
+        """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
+        store = self._store(logits.shape[-1])
+        slots = self._slots(rows, pos)
+        for a in range(0, logits.shape[0], CHUNK):
+            b = min(a + CHUNK, logits.shape[0])
+            store[slots[a:b]] = torch.log(torch.softmax(logits[a:b].to(torch.float64), dim=-1) + EPS)
+
+    def stable(self, threshold: float) -> torch.Tensor:
+        """``[rows, length]``: every value in the history is below ``threshold``."""
+        return (self.history < threshold).all(-1)
+
+
+def ready_mask(candidates, confidence, stable, conf_threshold, strict: bool, guard=None) -> torch.Tensor:
+    """Candidates that are confident (``>`` if ``strict`` else ``>=``), stable and, if given, past the guard."""
+    confident = confidence > conf_threshold if strict else confidence >= conf_threshold
+    ready = candidates & confident & stable
+    if guard is not None:
+        ready &= guard.unsqueeze(-1)
+    return ready
+
+
+def select_ready(ready: torch.Tensor, confidence: torch.Tensor, kl: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Positions to unmask among the ready ones, per row: all, the most confident, or the smallest KL.
+
+    Ties go to the lowest position, as in the reference (``argmax``/``argmin`` over ready positions in order).
+    """
+    if strategy == "all":
+        return ready
+    if strategy == "max_conf":
+        pick = torch.where(ready, confidence, -math.inf).argmax(-1)
+    else:  # "min_kl"
+        pick = torch.where(ready, kl, math.inf).argmin(-1)
+    one = torch.zeros_like(ready)
+    one.scatter_(-1, pick.unsqueeze(-1), True)
+    return one & ready.any(-1, keepdim=True)
+
+
+class StepRecorder:
+    """Per-step records: for every forward, the candidate positions and which of them were unmasked.
+
+    A record is ``{"step", "decoded_tokens_num", "decoded_tokens", "all_tokens"}``; each token entry is
+    ``{"row", "position", "token_id", "confidence", "kl_divergence"}`` with unrounded floats. The values
+    of a step leave the device in one transfer.
+    """
+
+    def __init__(self):
+        self.records: List[dict] = []
+
+    def add(self, step: int, candidates, tokens, confidence, kl, decided, decided_tokens=None):
+        """All arguments are ``[rows, length]`` tensors; ``decided`` marks the unmasked positions and
+        ``decided_tokens`` (default ``tokens``) the ids written there."""
+        if decided_tokens is None:
+            decided_tokens = tokens
+        packed = torch.stack(
+            [
+                candidates.to(torch.float64),
+                decided.to(torch.float64),
+                tokens.to(torch.float64),
+                decided_tokens.to(torch.float64),
+                confidence.to(torch.float64),
+                kl.to(torch.float64),
+            ],
+            dim=-1,
+        ).cpu()
+        every, done = [], []
+        for row, line in enumerate(packed.tolist()):
+            for position, (cand, dec, tok, dtok, c, k) in enumerate(line):
+                if not (cand or dec):
+                    continue
+                entry = {"row": row, "position": position, "token_id": int(tok), "confidence": c, "kl_divergence": k}
+                if cand:
+                    every.append(entry)
+                if dec:
+                    done.append(dict(entry, token_id=int(dtok)))
+        self.records.append(
+            {"step": step, "decoded_tokens_num": len(done), "decoded_tokens": done, "all_tokens": every}
+        )
+
+
+def write_steps_jsonl(records: Iterable[dict], path) -> None:
+    """Write step records (``.history`` of a ``save_steps=True`` call), one JSON object per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,194 @@
+"""Dream adapter: KLASS as an ``alg`` of Dream's ``DreamGenerationMixin.diffusion_generate``.
+
+What Dream adds to the generic algorithm (``core``): candidates are all masked positions; the token is
+the argmax of the softmax in the logits' dtype; the confidence test is not strict (``>=``); there is no
+step-index guard; a row with no ready position unmasks exactly one position, the argmax over its masked
+positions of the confidence returned by upstream's ``sample_tokens`` (which samples at temperature > 0),
+writing the argmax token there. A row whose masks are gone makes no more forwards; the loop stops when
+no row has a mask left. Everything else (lengths, special tokens, attention mask, hooks) is upstream's.
+"""
+from __future__ import annotations
+
+import contextvars
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .core import (
+    CHUNK,
+    GenerateOutput,
+    KlassConfig,
+    StabilityTracker,
+    StepRecorder,
+    masks_left_warning,
+    ready_mask,
+    select_ready,
+)
+
+KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)
+# Options of the current diffusion_generate call, read by the patched _sample it calls.
+_CALL = contextvars.ContextVar("klass_patch_dream_call", default=None)
+
+
+def _alg_of(args, kwargs):
+    config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    return kwargs.get("alg", getattr(config, "alg", None)), config
+
+
+def diffusion_generate_wrapper(wrapped, instance, args, kwargs):
+    """Take KLASS's keyword arguments out of the call (upstream would drop them) and validate them."""
+    opts = {k: kwargs.pop(k) for k in (*KLASS_PARAMS, "save_steps") if k in kwargs}
+    alg, config = _alg_of(args, kwargs)
+    if alg == "klass":
+        KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
+    if not opts and alg != "klass":
+        return wrapped(*args, **kwargs)
+    token = _CALL.set(opts)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _CALL.reset(token)
+
+
+def make_sample_wrapper(module):
+    """The wrapt wrapper of ``DreamGenerationMixin._sample`` for the upstream ``module``."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        call = inspect.signature(wrapped).bind(*args, **kwargs)
+        a = call.arguments
+        gc = a["generation_config"]
+        opts = dict(_CALL.get() or {})
+        save_steps = bool(opts.pop("save_steps", getattr(gc, "save_steps", False)))
+        if gc.alg != "klass" and not save_steps:
+            return wrapped(*args, **kwargs)
+        if save_steps and not gc.return_dict_in_generate:
+            raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
+                             "returned in .history")
+        hooks = (a["generation_tokens_hook_func"], a["generation_logits_hook_func"])
+        if gc.alg == "klass":
+            config = KlassConfig.from_kwargs(opts, defaults=gc)
+            return klass_sample(instance, module, a["input_ids"], a["attention_mask"], gc, *hooks, config, save_steps)
+        return observed_sample(wrapped, instance, call, gc)
+
+    return wrapper
+
+
+def _prepare_attention(attention_mask, length):
+    """Upstream's handling of a padded batch: boolean [B, 1, N, N] mask and position ids, or "full"."""
+    if attention_mask is not None and torch.any(attention_mask == 0.0):
+        attention_mask = F.pad(attention_mask, (0, length - attention_mask.shape[1]), value=1.0)
+        tok_idx = attention_mask.long().cumsum(-1) - 1
+        tok_idx.masked_fill_(attention_mask == 0, 1)
+        attention_mask = torch.logical_and(attention_mask.unsqueeze(1).unsqueeze(-2),
+                                           attention_mask.unsqueeze(1).unsqueeze(-1))
+        return attention_mask, tok_idx
+    return "full", None
+
+
+def _argmax_in_dtype(logits):
+    """Argmax of the softmax computed in the logits' own dtype (ties in low precision go to the first id)."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for a in range(0, logits.shape[0], CHUNK):
+        out[a:a + CHUNK] = torch.softmax(logits[a:a + CHUNK], dim=-1).argmax(-1)
+    return out
+
+
+@torch.no_grad()
+def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logits_hook,
+                 config: KlassConfig, save_steps=False):
+    """KLASS in place of upstream's ``_sample`` loop; ``gc`` is the prepared generation config."""
+    mask_id, steps = gc.mask_token_id, gc.steps
+    x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
+    attention_mask, tok_idx = _prepare_attention(attention_mask, gc.max_length)
+    histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
+    recorder = StepRecorder() if save_steps else None
+
+    x = tokens_hook(None, x, None)
+    rows, length = x.shape
+    masked = (x == mask_id).any(0).nonzero()
+    start = int(masked[0]) if len(masked) else 0
+    tracker = StabilityTracker(rows, length, start, length - start, config.kl_history_length, x.device)
+    used = torch.zeros(rows, dtype=torch.long, device=x.device)
+    for i in range(steps):
+        mask_index = x == mask_id
+        live = mask_index.any(-1)
+        if not bool(live.any()):
+            break
+        used += live
+        logits = model(x, attention_mask, tok_idx).logits
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits = logits_hook(i, x, logits)
+
+        r_idx, p_idx = mask_index.nonzero(as_tuple=True)
+        mask_logits = logits[r_idx, p_idx]
+        tok, conf, kl = tracker.update(mask_logits, r_idx, p_idx, tokens=_argmax_in_dtype(mask_logits))
+        x0 = x.clone()
+        x0[r_idx, p_idx] = tok
+        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
+        full_conf[r_idx, p_idx] = conf
+        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=x.device)
+        full_kl[r_idx, p_idx] = kl
+
+        ready = ready_mask(mask_index, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
+                           strict=False)
+        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
+        fallback = live & ~ready.any(-1)
+        if bool(fallback.any()):  # one position per such row: the argmax of upstream's sampled confidence
+            mine = fallback[r_idx]
+            conf_fb, _ = module.sample_tokens(mask_logits[mine], temperature=gc.temperature, top_p=gc.top_p,
+                                              top_k=gc.top_k)
+            scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
+            scores[r_idx[mine], p_idx[mine]] = conf_fb
+            pick = F.one_hot(scores.argmax(-1), length).bool()
+            transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
+        if recorder is not None:
+            recorder.add(i, mask_index, x0, full_conf, full_kl, transfer)
+        x = torch.where(transfer, x0, x)
+        x = tokens_hook(i, x, logits)
+        if histories is not None:
+            histories.append(x.clone())
+
+    masks_left_warning(x, mask_id, start)
+    if not gc.return_dict_in_generate:
+        return x
+    return GenerateOutput(sequences=x, used_steps=used.cpu(),
+                          history=recorder.records if recorder is not None else histories)
+
+
+def observed_sample(wrapped, model, call, gc):
+    """Upstream's ``_sample`` untouched, with its own hooks used to record KLASS-style step records."""
+    a = call.arguments
+    user_tokens, user_logits = a["generation_tokens_hook_func"], a["generation_logits_hook_func"]
+    recorder, state = StepRecorder(), {"tracker": None, "pending": None, "calls": 0}
+    mask_id = gc.mask_token_id
+
+    def logits_hook(i, x, logits):
+        logits = user_logits(i, x, logits)
+        if state["tracker"] is None:
+            state["tracker"] = StabilityTracker(x.shape[0], x.shape[1], 0, x.shape[1], 1, x.device)
+        cand = x == mask_id
+        r_idx, p_idx = cand.nonzero(as_tuple=True)
+        tok, conf, kl = state["tracker"].update(logits[r_idx, p_idx], r_idx, p_idx)
+        full = [torch.full(cand.shape, v, dtype=torch.float64, device=x.device) for v in (-math.inf, math.inf)]
+        full[0][r_idx, p_idx], full[1][r_idx, p_idx] = conf, kl
+        x0 = x.clone()
+        x0[r_idx, p_idx] = tok
+        state["pending"] = (i, cand, x0, full[0], full[1])
+        state["calls"] += 1
+        return logits
+
+    def tokens_hook(i, x, logits):
+        x = user_tokens(i, x, logits)
+        if state["pending"] is not None:
+            t, cand, x0, conf, kl = state["pending"]
+            recorder.add(t, cand, x0, conf, kl, cand & (x != mask_id), decided_tokens=x)
+            state["pending"] = None
+        return x
+
+    a["generation_tokens_hook_func"], a["generation_logits_hook_func"] = tokens_hook, logits_hook
+    out = wrapped(*call.args, **call.kwargs)
+    seqs = out.sequences if gc.return_dict_in_generate else out
+    return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), state["calls"]),
+                          history=recorder.records)

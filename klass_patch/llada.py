@@ -1,0 +1,284 @@
+"""LLaDA adapter: KLASS inside the semi-autoregressive block schedule of LLaDA's ``generate.py``.
+
+What LLaDA adds to the generic algorithm (``core``): candidates are the masked positions of the row's
+current block; the confidence test is strict (``>``); a position is only ready once the step index inside
+its block is at least ``kl_history_length - 1``; a row with no ready position falls back to upstream's
+top-k by confidence, k from upstream's per-block schedule; a block whose masks are all gone ends
+without another forward. Rows of a batch keep their own block and step counters, so each row makes the
+forwards it would make alone.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Optional
+
+import torch
+import wrapt
+
+from .core import (
+    GenerateOutput,
+    KlassConfig,
+    StabilityTracker,
+    StepRecorder,
+    masks_left_warning,
+    ready_mask,
+    select_ready,
+)
+
+EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to
+ALGS = (None, "default", "klass")
+KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)
+REQUIRED_PARAMS = ("model", "prompt", "steps", "gen_length", "block_length", "temperature", "cfg_scale",
+                   "remasking", "mask_id")
+
+
+def _schedule(module, block_length: int, steps_per_block: int) -> list:
+    """Upstream's number of tokens to unmask at each step of a (fully masked) block."""
+    fn = getattr(module, "get_num_transfer_tokens", None)
+    full = torch.ones((1, block_length), dtype=torch.bool)
+    if fn is not None:
+        return [int(k) for k in fn(full, steps_per_block)[0].tolist()]
+    base, rem = divmod(block_length, steps_per_block)
+    return [base + (1 if s < rem else 0) for s in range(steps_per_block)]
+
+
+def check_lengths(prompt, steps, gen_length, block_length) -> tuple:
+    """Validate LLaDA's length arguments as upstream requires; return (num_blocks, steps_per_block)."""
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        raise ValueError(f"prompt must be a 2-D tensor of token ids [batch, length], got {type(prompt).__name__}"
+                         + (f" of shape {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else ""))
+    for name, v in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
+                         f"gen_length // block_length = {num_blocks}")
+    return num_blocks, steps // num_blocks
+
+
+@torch.no_grad()
+def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=128, block_length=128,
+                   temperature=0.0, cfg_scale=0.0, mask_id=126336, logits_eos_inf=False,
+                   confidence_eos_eot_inf=False, config: KlassConfig = KlassConfig(), save_steps=False,
+                   module=None, add_gumbel_noise: Optional[Callable] = None) -> GenerateOutput:
+    """KLASS decoding with LLaDA's blocks. ``module`` is the upstream ``generate`` module whose helpers
+    (schedule, Gumbel noise) are used; arguments mean what they mean in upstream's ``generate``."""
+    num_blocks, spb = check_lengths(prompt, steps, gen_length, block_length)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
+    if temperature > 0 and add_gumbel_noise is None:
+        raise ValueError("temperature > 0 needs upstream's add_gumbel_noise; pass module= or add_gumbel_noise=")
+    device = model.device
+    rows, plen = prompt.shape
+    length = plen + gen_length
+    x = torch.full((rows, length), mask_id, dtype=torch.long, device=device)
+    x[:, :plen] = prompt
+    pads = [0] * rows
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        pads = (attention_mask.cumsum(-1) == 0).sum(-1).tolist()  # left padding of each row
+        attention_mask = torch.cat(
+            [attention_mask, torch.ones((rows, gen_length), dtype=attention_mask.dtype, device=device)], dim=-1)
+    prompt_index = x != mask_id
+    k_of_step = _schedule(module, block_length, spb)
+
+    def forward(ids):
+        def call(inp, am):
+            return (model(inp) if am is None else model(inp, attention_mask=am)).logits
+        if cfg_scale > 0.0:
+            un = ids.clone()
+            un[prompt_index] = mask_id
+            am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+            cond, uncond = torch.chunk(call(torch.cat([ids, un]), am), 2, dim=0)
+            out = uncond + (cfg_scale + 1) * (cond - uncond)
+        else:
+            out = call(ids, attention_mask)
+        if logits_eos_inf:
+            out[:, :, EOS_ID] = -torch.inf
+        return out
+
+    n_hist = config.kl_history_length
+    tracker = StabilityTracker(rows, length, plen, min(gen_length, 2 * block_length), n_hist, device)
+    recorder = StepRecorder() if save_steps else None
+    block, step_in, left, used = [0] * rows, [0] * rows, [block_length] * rows, [0] * rows
+    positions = torch.arange(length, device=device)
+    it = 0
+    while True:
+        for r in range(rows):  # a row moves on when its block is decided or its step budget is spent
+            if block[r] < num_blocks and (left[r] == 0 or step_in[r] == spb):
+                block[r], step_in[r], left[r] = block[r] + 1, 0, block_length
+        active = [b < num_blocks for b in block]
+        if not any(active):
+            break
+        logits = forward(x)
+
+        start = torch.tensor([plen + b * block_length for b in block], device=device).unsqueeze(-1)
+        in_block = (positions >= start) & (positions < start + block_length)
+        in_block &= torch.tensor(active, device=device).unsqueeze(-1)
+        cand = (x == mask_id) & in_block
+        r_idx, p_idx = cand.nonzero(as_tuple=True)
+        cand_logits = logits[r_idx, p_idx]
+        tokens = None
+        if temperature > 0:
+            tokens = add_gumbel_noise(cand_logits, temperature=temperature).argmax(-1)
+        if confidence_eos_eot_inf:  # upstream: these ids get no confidence (EOS only at temperature 0)
+            tokens = cand_logits.argmax(-1) if tokens is None else tokens
+            cand_logits[:, EOT_ID] = -torch.inf
+            if temperature == 0:
+                cand_logits[:, EOS_ID] = -torch.inf
+        tok, conf, kl = tracker.update(cand_logits, r_idx, p_idx, tokens)
+        x0 = x.clone()
+        x0[r_idx, p_idx] = tok
+        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
+        full_conf[r_idx, p_idx] = conf
+        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=device)
+        full_kl[r_idx, p_idx] = kl
+
+        guard = torch.tensor([s >= n_hist - 1 for s in step_in], device=device)
+        ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
+                           strict=True, guard=guard)
+        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
+        has_ready = ready.any(-1).tolist()
+        for r in range(rows):
+            if active[r] and not has_ready[r]:  # fallback: upstream's top-k by confidence in the block
+                _, top = torch.topk(full_conf[r, pads[r]:], k=k_of_step[step_in[r]])
+                transfer[r, top + pads[r]] = True
+        transfer &= cand
+        if recorder is not None:
+            recorder.add(it, cand, x0, full_conf, full_kl, transfer)
+        x = torch.where(transfer, x0, x)
+
+        left_now = ((x == mask_id) & in_block).sum(-1).tolist()
+        for r in range(rows):
+            if not active[r]:
+                continue
+            used[r] += 1
+            step_in[r] += 1
+            left[r] = left_now[r]
+            if (left[r] == 0 or step_in[r] == spb) and block[r] + 1 < num_blocks:
+                # this was the block's last forward: keep the next block's distributions for its first KL
+                nxt = torch.arange(block_length, device=device) + plen + (block[r] + 1) * block_length
+                tracker.remember(logits[r, nxt], torch.full_like(nxt, r), nxt)
+        it += 1
+
+    masks_left_warning(x, mask_id, plen)
+    return GenerateOutput(sequences=x, used_steps=torch.tensor(used, dtype=torch.long),
+                          history=recorder.records if recorder is not None else None)
+
+
+class ObservedModel(wrapt.ObjectProxy):
+    """A model proxy that records KLASS-style step records (confidence, KL) of an upstream LLaDA call.
+
+    Upstream's loop is untouched: the proxy only reads each forward's input and output. Records use the
+    model's logits after classifier-free guidance and before upstream's EOS tweaks; ``token_id`` of a
+    candidate is the argmax, that of an unmasked position the token written there.
+    """
+
+    def __init__(self, model, prompt_len, gen_length, block_length, steps, cfg_scale, mask_id):
+        super().__init__(model)
+        num_blocks, spb = check_lengths(torch.zeros((1, prompt_len)), steps, gen_length, block_length)
+        self._self_cfg = (prompt_len, gen_length, block_length, spb, num_blocks, cfg_scale, mask_id)
+        self._self_tracker = None
+        self._self_recorder = StepRecorder()
+        self._self_pending = None
+        self._self_calls = 0
+
+    def __call__(self, ids, *args, **kwargs):
+        out = self.__wrapped__(ids, *args, **kwargs)
+        plen, gen_length, bl, spb, num_blocks, cfg_scale, mask_id = self._self_cfg
+        logits = out.logits
+        if cfg_scale > 0.0:
+            cond, uncond = torch.chunk(logits, 2, dim=0)
+            logits, ids = uncond + (cfg_scale + 1) * (cond - uncond), torch.chunk(ids, 2, dim=0)[0]
+        rows, length = ids.shape
+        if self._self_tracker is None:
+            self._self_tracker = StabilityTracker(rows, length, plen, min(gen_length, 2 * bl), 1, ids.device)
+        self.finish(ids)
+        t = self._self_calls
+        block, step = divmod(t, spb)
+        start = plen + block * bl
+        cand = ids == mask_id
+        cand[:, :start] = False
+        cand[:, start + bl:] = False
+        r_idx, p_idx = cand.nonzero(as_tuple=True)
+        tok, conf, kl = self._self_tracker.update(logits[r_idx, p_idx], r_idx, p_idx)
+        full = [torch.full((rows, length), v, dtype=torch.float64, device=ids.device) for v in (-math.inf, math.inf)]
+        full[0][r_idx, p_idx], full[1][r_idx, p_idx] = conf, kl
+        x0 = ids.clone()
+        x0[r_idx, p_idx] = tok
+        if step == spb - 1 and block + 1 < num_blocks:
+            nxt = torch.arange(start + bl, start + 2 * bl, device=ids.device)
+            for r in range(rows):
+                self._self_tracker.remember(logits[r, nxt], torch.full_like(nxt, r), nxt)
+        self._self_pending = (t, cand, x0, full[0], full[1])
+        self._self_calls += 1
+        return out
+
+    def finish(self, ids_after):
+        """Close the pending step: the positions it unmasked are those no longer masked in ``ids_after``."""
+        if self._self_pending is None:
+            return
+        t, cand, x0, conf, kl = self._self_pending
+        decided = cand & (ids_after != self._self_cfg[-1])
+        self._self_recorder.add(t, cand, x0, conf, kl, decided, decided_tokens=ids_after)
+        self._self_pending = None
+
+    @property
+    def records(self):
+        return self._self_recorder.records
+
+    @property
+    def calls(self):
+        return self._self_calls
+
+
+def make_generate_wrapper(module):
+    """The wrapt wrapper for a LLaDA ``generate`` function of ``module``.
+
+    Adds ``alg`` (None/"default": upstream; "klass"), the KLASS parameters, ``save_steps`` and
+    ``return_dict_in_generate``. A call with none of them goes to upstream unchanged.
+    """
+
+    def wrapper(wrapped, instance, args, kwargs):
+        extra = {k: kwargs.pop(k) for k in ("alg", "save_steps", "return_dict_in_generate") if k in kwargs}
+        alg = extra.get("alg")
+        if alg not in ALGS:
+            raise ValueError(f"alg must be one of None, 'default', 'klass', got {alg!r} "
+                             "(upstream's strategies are chosen with remasking=)")
+        save_steps, as_dict = bool(extra.get("save_steps")), bool(extra.get("return_dict_in_generate"))
+        if alg != "klass" and not save_steps and not as_dict:
+            return wrapped(*args, **kwargs)
+        if save_steps and not as_dict:
+            raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
+                             "returned in .history")
+        config = KlassConfig.from_kwargs(kwargs) if alg == "klass" else None
+        call = inspect.signature(wrapped).bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        if config is not None:
+            if a["remasking"] != "low_confidence":
+                raise ValueError("remasking must be 'low_confidence' with alg='klass' (its fallback is top-k by "
+                                 f"confidence), got {a['remasking']!r}")
+            return klass_generate(
+                a["model"], a["prompt"], a.get("attention_mask"), steps=a["steps"], gen_length=a["gen_length"],
+                block_length=a["block_length"], temperature=a["temperature"], cfg_scale=a["cfg_scale"],
+                mask_id=a["mask_id"], logits_eos_inf=a.get("logits_eos_inf", False),
+                confidence_eos_eot_inf=a.get("confidence_eos_eot_inf", False), config=config,
+                save_steps=save_steps, module=module)
+        observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
+                                 a["steps"], a["cfg_scale"], a["mask_id"]) if save_steps else None
+        if observed is not None:
+            a["model"] = observed
+        seqs = wrapped(*call.args, **call.kwargs)
+        if observed is not None:
+            observed.finish(seqs)
+        forwards = observed.calls if observed is not None else a["steps"]
+        return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), forwards, dtype=torch.long),
+                              history=observed.records if observed is not None else None)
+
+    return wrapper
