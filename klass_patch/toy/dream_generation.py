@@ -5,6 +5,8 @@ unmasks them: ``alg='origin'`` unmasks each masked position with probability ``1
 the ``num_masked * (1 - s/t)`` positions of highest confidence (``maskgit_plus``: top probability,
 ``topk_margin``: top-1 minus top-2, ``entropy``: negative entropy).
 """
+
+KLASS_PATCH_STANDIN = True  # tells klass_patch.versions this is a stand-in, not an upstream file
 import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple

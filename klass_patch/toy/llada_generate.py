@@ -4,6 +4,8 @@ Semi-autoregressive decoding: the generation is split into blocks decoded left t
 ``steps // num_blocks`` forwards and at each one the most confident masked positions of the block are
 unmasked (``remasking='low_confidence'``), or random ones (``'random'``), as many as a linear schedule says.
 """
+
+KLASS_PATCH_STANDIN = True  # tells klass_patch.versions this is a stand-in, not an upstream file
 import torch
 import torch.nn.functional as F
 

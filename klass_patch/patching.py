@@ -1,0 +1,214 @@
+"""Runtime patching: ``apply()`` and ``revert()``. The patching rules live here, and only here.
+
+One target per model family, in a registry (the shape of Liger-Kernel's ``monkey_patch``):
+
+- ``llada``: a module with LLaDA's ``generate`` and ``get_num_transfer_tokens`` (``generate.py``, imported
+  under any name or loaded from a file path). Its ``generate`` is wrapped.
+- ``dream``: a module with ``DreamGenerationMixin`` (Dream's ``generation_utils.py``, which Hugging Face
+  imports as ``transformers_modules.<name>...generation_utils``). The mixin's ``diffusion_generate`` and
+  ``_sample`` are wrapped, so every model class built on it, and every model already loaded, gets KLASS.
+
+Wrapping uses ``wrapt`` (signatures and introspection survive); revert puts the original objects back.
+``apply()`` patches the matching modules already imported and, through a hook on the source loader's
+``exec_module`` (used by ``import``, by ``importlib.util.spec_from_file_location`` loads and by Hugging
+Face's dynamic modules alike), every matching module loaded later. Both are idempotent.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import threading
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import wrapt
+from packaging.version import Version
+
+from . import dream, llada
+from .versions import dream_missing, identify_module, known_ids, llada_missing, module_file
+
+__all__ = ["apply", "revert", "patched", "PatchInfo", "IncompatibleUpstreamError", "UnknownUpstreamWarning"]
+
+
+class IncompatibleUpstreamError(TypeError):
+    """The module looks like an upstream target but lacks what KLASS needs."""
+
+
+class UnknownUpstreamWarning(UserWarning):
+    """A module of an unknown upstream version was patched because its interface matches."""
+
+
+@dataclass(frozen=True)
+class PatchInfo:
+    module: str
+    family: str
+    version: str
+    file: Optional[str]
+
+
+class _KlassWrapper(wrapt.FunctionWrapper):
+    """Marks the objects klass-patch put in place, so that patching twice is a no-op."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    family: str
+    looks_like: Callable[[types.ModuleType], bool]
+    missing: Callable[[types.ModuleType], List[str]]
+    attributes: Callable[[types.ModuleType], List[tuple]]  # (owner, name, wrapper) to wrap
+    gate: Callable[[], None] = lambda: None
+
+
+def _llada_attrs(module):
+    return [(module, "generate", llada.make_generate_wrapper(module))]
+
+
+def _dream_attrs(module):
+    mixin = module.DreamGenerationMixin
+    return [(mixin, "diffusion_generate", dream.diffusion_generate_wrapper),
+            (mixin, "_sample", dream.make_sample_wrapper(module))]
+
+
+def _dream_gate():
+    tf = sys.modules.get("transformers")
+    version = getattr(tf, "__version__", None)
+    if version and Version(version) >= Version("5"):
+        warnings.warn(f"transformers {version}: Dream's remote code is known to fail on transformers 5.x "
+                      "(and to load wrong rotary buffers silently); use 4.46.2 to 4.57.x", RuntimeWarning,
+                      stacklevel=4)
+
+
+TARGETS: Dict[str, _Target] = {
+    "llada": _Target("llada", lambda m: callable(getattr(m, "generate", None))
+                     and hasattr(m, "get_num_transfer_tokens"), llada_missing, _llada_attrs),
+    "dream": _Target("dream", lambda m: isinstance(getattr(m, "DreamGenerationMixin", None), type),
+                     dream_missing, _dream_attrs, _dream_gate),
+}
+
+_lock = threading.RLock()
+_patched: Dict[int, tuple] = {}  # id(module) -> (module, PatchInfo, [(owner, name, original)])
+_hook: Dict[str, object] = {}
+
+
+def _family_of(module) -> Optional[str]:
+    for name, target in TARGETS.items():
+        if target.looks_like(module):
+            return name
+    return None
+
+
+def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
+    target = TARGETS[family]
+    with _lock:
+        if id(module) in _patched:
+            return _patched[id(module)][1]
+        missing = target.missing(module)
+        if missing:
+            msg = (f"klass_patch: cannot patch {module.__name__} as {family}: missing {', '.join(missing)}. "
+                   f"Known upstream versions: {', '.join(known_ids(family))}.")
+            if explicit:
+                raise IncompatibleUpstreamError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            return None
+        target.gate()
+        version = identify_module(module, family)
+        path = module_file(module)
+        if version.startswith("unknown"):
+            warnings.warn(f"klass_patch: {module.__name__} ({path}) is {version} of {family}, not one of "
+                          f"{', '.join(known_ids(family))}; its interface matches, so it is patched.",
+                          UnknownUpstreamWarning, stacklevel=3)
+        saved = []
+        for owner, name, wrapper in target.attributes(module):
+            current = owner.__dict__[name]
+            if isinstance(current, _KlassWrapper):  # already patched (e.g. a reloaded module's class)
+                continue
+            saved.append((owner, name, current))
+            setattr(owner, name, _KlassWrapper(current, wrapper))
+        info = PatchInfo(module.__name__, family, version, str(path) if path else None)
+        _patched[id(module)] = (module, info, saved)
+        return info
+
+
+def _after_exec(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    module = args[0] if args else kwargs.get("module")
+    family = _family_of(module) if module is not None else None
+    if family is not None:
+        _patch_module(module, family, explicit=False)
+    return result
+
+
+def _install_hook():
+    loader = importlib.machinery.SourceFileLoader
+    if "original" not in _hook:
+        _hook["original"] = loader.__dict__.get("exec_module")
+        loader.exec_module = _KlassWrapper(loader.exec_module, _after_exec)
+
+
+def _remove_hook():
+    if "original" in _hook:
+        loader = importlib.machinery.SourceFileLoader
+        original = _hook.pop("original")
+        if original is None:
+            del loader.exec_module
+        else:
+            loader.exec_module = original
+
+
+def _module_of(obj):
+    if isinstance(obj, types.ModuleType):
+        return obj
+    if isinstance(obj, (types.FunctionType, wrapt.FunctionWrapper)):
+        name = obj.__module__
+    else:
+        cls = obj if isinstance(obj, type) else type(obj)
+        name = next((k.__module__ for k in cls.__mro__ if k.__name__ == "DreamGenerationMixin"), cls.__module__)
+    module = sys.modules.get(name)
+    if module is None:
+        raise IncompatibleUpstreamError(f"klass_patch: cannot find the module of {obj!r} to patch")
+    return module
+
+
+def apply(obj=None) -> List[PatchInfo]:
+    """Patch LLaDA's ``generate`` and Dream's ``DreamGenerationMixin`` so they accept ``alg="klass"``.
+
+    With no argument: every matching module already imported, and every one imported later. With a
+    module, class (e.g. a Dream model class), loaded model, or LLaDA ``generate`` function: that one's
+    module (an incompatible one raises ``IncompatibleUpstreamError`` saying what is missing). Returns what
+    is patched. Calling it again changes nothing.
+    """
+    with _lock:
+        if obj is not None:
+            module = _module_of(obj)
+            family = _family_of(module)
+            if family is None:
+                missing = {f: TARGETS[f].missing(module) for f in TARGETS}
+                raise IncompatibleUpstreamError(
+                    f"klass_patch: {module.__name__} is neither LLaDA's generate.py (missing "
+                    f"{', '.join(missing['llada'])}) nor Dream's generation_utils.py (missing "
+                    f"{', '.join(missing['dream'])})")
+            return [_patch_module(module, family, explicit=True)]
+        _install_hook()
+        for module in list(sys.modules.values()):
+            family = _family_of(module) if isinstance(module, types.ModuleType) else None
+            if family is not None:
+                _patch_module(module, family, explicit=False)
+        return patched()
+
+
+def revert() -> None:
+    """Put back every original object and remove the import hook."""
+    with _lock:
+        _remove_hook()
+        for module, info, saved in _patched.values():
+            for owner, name, original in reversed(saved):
+                setattr(owner, name, original)
+        _patched.clear()
+
+
+def patched() -> List[PatchInfo]:
+    """What is patched now: module name, family, upstream version, file."""
+    with _lock:
+        return [info for _, info, _ in _patched.values()]
