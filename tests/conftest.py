@@ -1,0 +1,57 @@
+import importlib.util
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import klass_patch
+
+TOY = Path(klass_patch.__file__).parent / "toy"
+STANDIN = {"llada": TOY / "llada_generate.py", "dream": TOY / "dream_generation.py"}
+FILENAME = {"llada": "generate.py", "dream": "generation_utils.py"}
+ENV = "KLASS_PATCH_UPSTREAM"
+SKIP_MSG = (f"real upstream files not given: set {ENV}=<folder> holding llada/<version>/generate.py and "
+            f"dream/<version>/generation_utils.py (see README, 'Testing against the real upstream files')")
+_counter = itertools.count()
+
+
+def load_file(path, name=None):
+    """Import a file as a fresh module (a unique name unless given), as 'loaded by file path' users do."""
+    name = name or f"_klass_test_{Path(path).stem}_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def real_files(family):
+    root = os.environ.get(ENV)
+    if not root:
+        return []
+    return sorted((Path(root) / family).rglob(FILENAME[family]))
+
+
+def sources(family):
+    """pytest params: the stand-in, then every real upstream file (or one param that skips, saying why)."""
+    params = [pytest.param(STANDIN[family], id="standin")]
+    files = real_files(family)
+    if not files:
+        params.append(pytest.param(None, id="upstream", marks=pytest.mark.skip(reason=SKIP_MSG)))
+    for f in files:
+        params.append(pytest.param(f, id=f"{f.parent.name}"))
+    return params
+
+
+def needs_transformers(path):
+    if path is not None and path != STANDIN["dream"]:
+        pytest.importorskip("transformers", reason="the real Dream generation_utils.py imports transformers")
+
+
+@pytest.fixture(autouse=True)
+def _reverted():
+    klass_patch.revert()
+    yield
+    klass_patch.revert()

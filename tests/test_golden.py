@@ -1,0 +1,73 @@
+"""Every golden trace of the authors' samplers, replayed through the patched upstream interface."""
+import pytest
+import torch
+
+import klass_patch
+from compare import assert_steps_match
+from conftest import load_file, needs_transformers, sources
+from replay import DREAM_SPECIAL, ReplayModel, dream_kwargs, dream_replay_class, load, reference_steps, traces
+
+
+def run_llada(module, trace):
+    model = ReplayModel(trace)
+    out = module.generate(
+        model, trace["prompt"], steps=trace["steps"], gen_length=trace["gen_length"],
+        block_length=trace["block_length"], temperature=trace["temperature"], mask_id=trace["mask_id"],
+        alg="klass", conf_threshold=trace["conf_threshold"], kl_threshold=trace["kl_threshold"],
+        kl_history_length=trace["kl_history_length"], unmask_strategy=trace["unmask_strategy"],
+        save_steps=True, return_dict_in_generate=True)
+    return model, out
+
+
+def run_dream(module, trace):
+    cls = dream_replay_class(module.DreamGenerationMixin, module.DreamGenerationConfig(**DREAM_SPECIAL))
+    model = cls(trace)
+    torch.manual_seed(trace["seed"])
+    kwargs = dream_kwargs(trace)
+    config = module.DreamGenerationConfig(**DREAM_SPECIAL)
+    return model, model.diffusion_generate(trace["prompt"], generation_config=config, **kwargs)
+
+
+def check(model, out, trace):
+    assert torch.equal(out.sequences, trace["output"])
+    assert model.calls == len(trace["xs"])
+    assert out.used_steps.tolist() == [len(trace["xs"])]
+    assert_steps_match(out.history, reference_steps(trace), trace)
+
+
+@pytest.fixture(scope="module", params=sources("llada"))
+def llada_module(request):
+    module = load_file(request.param)
+    return module
+
+
+@pytest.mark.parametrize("name", traces("llada"))
+def test_llada_trace(llada_module, name):
+    klass_patch.apply(llada_module)
+    trace = load(name)
+    left = int((trace["output"] == trace["mask_id"]).sum())
+    if left:
+        with pytest.warns(RuntimeWarning, match=f"{left} masked position"):
+            model, out = run_llada(llada_module, trace)
+    else:
+        model, out = run_llada(llada_module, trace)
+    check(model, out, trace)
+
+
+@pytest.mark.parametrize("path", sources("dream"))
+@pytest.mark.parametrize("how", ["apply(module)", "apply() then import"])
+def test_dream_traces(path, how):
+    needs_transformers(path)
+    if how == "apply(module)":
+        module = load_file(path)
+        klass_patch.apply(module)
+    else:
+        klass_patch.apply()
+        module = load_file(path)  # patched by the import hook
+    import warnings
+    for name in traces("dream"):
+        trace = load(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            model, out = run_dream(module, trace)
+        check(model, out, trace)
