@@ -80,11 +80,16 @@ def _dream_gate():
                       stacklevel=4)
 
 
+def _defines(module, name) -> bool:
+    """The module defines ``name`` itself (a module that merely imported it is not a target)."""
+    return getattr(getattr(module, name, None), "__module__", None) == getattr(module, "__name__", None)
+
+
 TARGETS: Dict[str, _Target] = {
-    "llada": _Target("llada", lambda m: callable(getattr(m, "generate", None))
-                     and hasattr(m, "get_num_transfer_tokens"), llada_missing, _llada_attrs),
-    "dream": _Target("dream", lambda m: isinstance(getattr(m, "DreamGenerationMixin", None), type),
-                     dream_missing, _dream_attrs, _dream_gate),
+    "llada": _Target("llada", lambda m: _defines(m, "generate") and _defines(m, "get_num_transfer_tokens"),
+                     llada_missing, _llada_attrs),
+    "dream": _Target("dream", lambda m: _defines(m, "DreamGenerationMixin"), dream_missing, _dream_attrs,
+                     _dream_gate),
 }
 
 _lock = threading.RLock()
