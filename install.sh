@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install klass-patch into the current Python environment and run the built-in tiny demo.
+# An existing torch is never replaced; without one, torch==2.13.0 is installed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PYTHON="${PYTHON:-python3}"
+
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "klass-patch: using the installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+else
+    echo "klass-patch: no torch found; installing torch==2.13.0"
+    "$PYTHON" -m pip install -q "torch==2.13.0"
+fi
+"$PYTHON" -m pip install -q .
+echo "klass-patch: installed $("$PYTHON" -c 'import klass_patch; print(klass_patch.__version__)')"
+echo
+"$PYTHON" -m klass_patch demo
