@@ -42,8 +42,8 @@ __all__ = [
 
 EPS = 1e-12
 STRATEGIES = ("all", "max_conf", "min_kl")
-# Positions processed together in the float64 work: bounds the temporaries to CHUNK x vocab.
-CHUNK = 16
+# Positions processed together in the float64 work: keeps its temporaries (CHUNK x vocab) in cache.
+CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -133,44 +133,69 @@ class StabilityTracker:
         return rows * self.width + (pos - self.start) % self.width
 
     def _store(self, vocab: int) -> torch.Tensor:
-        if self._log_prev is None:
+        if self._log_prev is None or self._log_prev.shape[-1] != vocab:
             self._log_prev = _log_eps(self.device).expand(self.rows * self.width, vocab).clone()
+            # scratch space for one chunk, reused at every step (no large allocation per step)
+            self._scratch = torch.empty((2, CHUNK, vocab), dtype=torch.float64, device=self.device)
         return self._log_prev
 
-    def update(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tokens: Optional[torch.Tensor] = None):
-        """Advance positions ``(rows[i], pos[i])`` by one step, given their logits ``[N, V]``.
+    @staticmethod
+    def _rows(logits, rows, pos, a, b):
+        """Logits of entries a..b: rows of a pre-gathered [N, V] tensor, or gathered from [rows, L, V]."""
+        return logits[a:b] if logits.dim() == 2 else logits[rows[a:b], pos[a:b]]
 
-        Returns ``(tokens, confidence, kl)``: the token (``tokens`` if given, else the float64 argmax),
-        its float64 probability, and the KL to the previous step. The KL is pushed into the history.
+    def update(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+               low_precision_tokens: bool = False, read_pos: Optional[torch.Tensor] = None):
+        """Advance positions ``(rows[i], pos[i])`` by one step.
+
+        ``logits`` is either ``[N, V]`` (row i belongs to position i) or the whole ``[rows, length, V]``
+        output, read only at the positions given (or at ``read_pos``, e.g. a shifted view). The token of a position is ``tokens[i]`` if given, else
+        the argmax of the softmax computed in the logits' own dtype if ``low_precision_tokens`` (whose
+        maximum is returned as a fourth value), else the float64 argmax.
+
+        Returns ``(tokens, confidence, kl[, low_precision_confidence])``: the token, its float64
+        probability, and the KL to the previous step, which is also pushed into the history.
         """
-        n = logits.shape[0]
+        n = rows.shape[0]
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
+        low_conf = torch.empty(n, dtype=logits.dtype, device=self.device) if low_precision_tokens else None
+        log_p, work = self._scratch[0], self._scratch[1]
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
-            p = torch.softmax(logits[a:b].to(torch.float64), dim=-1)
-            tok = p.argmax(-1) if tokens is None else tokens[a:b]
+            chunk = self._rows(logits, rows, pos if read_pos is None else read_pos, a, b)
+            p = torch.softmax(chunk.to(torch.float64), dim=-1)
+            if tokens is not None:
+                tok = tokens[a:b]
+            elif low_precision_tokens:
+                low_conf[a:b], tok = torch.softmax(chunk, dim=-1).max(-1)
+            else:
+                tok = p.argmax(-1)
             out_tok[a:b] = tok
             conf[a:b] = p.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-            log_p = torch.log(p + EPS)
-            s = slots[a:b]
-            diff = log_p - store[s]
-            kl[a:b] = (p * diff).sum(-1)
-            store[s] = log_p  # this step's distribution is the next step's p_prev
+            s, lp, w = slots[a:b], log_p[: b - a], work[: b - a]
+            torch.log(torch.add(p, EPS, out=lp), out=lp)
+            torch.index_select(store, 0, s, out=w)
+            torch.sub(lp, w, out=w)
+            kl[a:b] = w.mul_(p).sum(-1)  # sum(p * (log(p + eps) - log(p_prev + eps)))
+            store.index_copy_(0, s, lp)  # this step's distribution is the next step's p_prev
         h = self.history
         h[rows, pos] = torch.cat([h[rows, pos, 1:], kl.unsqueeze(-1)], dim=-1)
+        if low_precision_tokens:
+            return out_tok, conf, kl, low_conf
         return out_tok, conf, kl
 
     def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
         """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        for a in range(0, logits.shape[0], CHUNK):
-            b = min(a + CHUNK, logits.shape[0])
-            store[slots[a:b]] = torch.log(torch.softmax(logits[a:b].to(torch.float64), dim=-1) + EPS)
+        for a in range(0, rows.shape[0], CHUNK):
+            b = min(a + CHUNK, rows.shape[0])
+            p = torch.softmax(self._rows(logits, rows, pos, a, b).to(torch.float64), dim=-1)
+            store.index_copy_(0, slots[a:b], torch.log(p + EPS))
 
     def stable(self, threshold: float) -> torch.Tensor:
         """``[rows, length]``: every value in the history is below ``threshold``."""

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .core import (
-    CHUNK,
     GenerateOutput,
     KlassConfig,
     StabilityTracker,
@@ -45,7 +44,8 @@ def diffusion_generate_wrapper(wrapped, instance, args, kwargs):
         KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
     if not opts and alg != "klass":
         return wrapped(*args, **kwargs)
-    token = _CALL.set(opts)
+    hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
+    token = _CALL.set(dict(opts, hooks_given=any(h in kwargs for h in hooks)))
     try:
         return wrapped(*args, **kwargs)
     finally:
@@ -59,7 +59,8 @@ def make_sample_wrapper(module):
         call = inspect.signature(wrapped).bind(*args, **kwargs)
         a = call.arguments
         gc = a["generation_config"]
-        opts = dict(_CALL.get() or {})
+        opts = dict(_CALL.get() or {"hooks_given": True})
+        hooks_given = opts.pop("hooks_given")
         save_steps = bool(opts.pop("save_steps", getattr(gc, "save_steps", False)))
         if gc.alg != "klass" and not save_steps:
             return wrapped(*args, **kwargs)
@@ -69,7 +70,8 @@ def make_sample_wrapper(module):
         hooks = (a["generation_tokens_hook_func"], a["generation_logits_hook_func"])
         if gc.alg == "klass":
             config = KlassConfig.from_kwargs(opts, defaults=gc)
-            return klass_sample(instance, module, a["input_ids"], a["attention_mask"], gc, *hooks, config, save_steps)
+            return klass_sample(instance, module, a["input_ids"], a["attention_mask"], gc, *hooks, config, save_steps,
+                                hooks_given)
         return observed_sample(wrapped, instance, call, gc)
 
     return wrapper
@@ -87,18 +89,14 @@ def _prepare_attention(attention_mask, length):
     return "full", None
 
 
-def _argmax_in_dtype(logits):
-    """Argmax of the softmax computed in the logits' own dtype (ties in low precision go to the first id)."""
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for a in range(0, logits.shape[0], CHUNK):
-        out[a:a + CHUNK] = torch.softmax(logits[a:a + CHUNK], dim=-1).argmax(-1)
-    return out
-
-
 @torch.no_grad()
 def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logits_hook,
-                 config: KlassConfig, save_steps=False):
-    """KLASS in place of upstream's ``_sample`` loop; ``gc`` is the prepared generation config."""
+                 config: KlassConfig, save_steps=False, hooks_given=True):
+    """KLASS in place of upstream's ``_sample`` loop; ``gc`` is the prepared generation config.
+
+    Without user hooks the shifted logits are read in place (position i from the model's i - 1)
+    instead of being copied; the full masked logits are gathered only when the fallback must sample.
+    """
     mask_id, steps = gc.mask_token_id, gc.steps
     x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
     attention_mask, tok_idx = _prepare_attention(attention_mask, gc.max_length)
@@ -118,12 +116,14 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
             break
         used += live
         logits = model(x, attention_mask, tok_idx).logits
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        logits = logits_hook(i, x, logits)
-
         r_idx, p_idx = mask_index.nonzero(as_tuple=True)
-        mask_logits = logits[r_idx, p_idx]
-        tok, conf, kl = tracker.update(mask_logits, r_idx, p_idx, tokens=_argmax_in_dtype(mask_logits))
+        if hooks_given:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits = logits_hook(i, x, logits)
+            read = p_idx
+        else:  # the model's logits at i - 1 predict position i (position 0 reads itself), as upstream's shift
+            read = (p_idx - 1).clamp_(min=0)
+        tok, conf, kl, low_conf = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok
         full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
@@ -137,8 +137,11 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
         fallback = live & ~ready.any(-1)
         if bool(fallback.any()):  # one position per such row: the argmax of upstream's sampled confidence
             mine = fallback[r_idx]
-            conf_fb, _ = module.sample_tokens(mask_logits[mine], temperature=gc.temperature, top_p=gc.top_p,
-                                              top_k=gc.top_k)
+            if gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None:
+                conf_fb, _ = module.sample_tokens(logits[r_idx[mine], read[mine]], temperature=gc.temperature,
+                                                  top_p=gc.top_p, top_k=gc.top_k)
+            else:  # sample_tokens would return the top probability of the plain softmax: computed above
+                conf_fb = low_conf[mine]
             scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
             scores[r_idx[mine], p_idx[mine]] = conf_fb
             pick = F.one_hot(scores.argmax(-1), length).bool()

@@ -122,16 +122,17 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
         in_block &= torch.tensor(active, device=device).unsqueeze(-1)
         cand = (x == mask_id) & in_block
         r_idx, p_idx = cand.nonzero(as_tuple=True)
-        cand_logits = logits[r_idx, p_idx]
-        tokens = None
-        if temperature > 0:
-            tokens = add_gumbel_noise(cand_logits, temperature=temperature).argmax(-1)
+        source, tokens = logits, None  # read in place at the candidates, unless the logits are altered
+        if temperature > 0 or confidence_eos_eot_inf:
+            source = logits[r_idx, p_idx]
+            if temperature > 0:
+                tokens = add_gumbel_noise(source, temperature=temperature).argmax(-1)
         if confidence_eos_eot_inf:  # upstream: these ids get no confidence (EOS only at temperature 0)
-            tokens = cand_logits.argmax(-1) if tokens is None else tokens
-            cand_logits[:, EOT_ID] = -torch.inf
+            tokens = source.argmax(-1) if tokens is None else tokens
+            source[:, EOT_ID] = -torch.inf
             if temperature == 0:
-                cand_logits[:, EOS_ID] = -torch.inf
-        tok, conf, kl = tracker.update(cand_logits, r_idx, p_idx, tokens)
+                source[:, EOS_ID] = -torch.inf
+        tok, conf, kl = tracker.update(source, r_idx, p_idx, tokens)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok
         full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
@@ -163,7 +164,7 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
             if (left[r] == 0 or step_in[r] == spb) and block[r] + 1 < num_blocks:
                 # this was the block's last forward: keep the next block's distributions for its first KL
                 nxt = torch.arange(block_length, device=device) + plen + (block[r] + 1) * block_length
-                tracker.remember(logits[r, nxt], torch.full_like(nxt, r), nxt)
+                tracker.remember(logits, torch.full_like(nxt, r), nxt)
         it += 1
 
     masks_left_warning(x, mask_id, plen)
@@ -206,7 +207,7 @@ class ObservedModel(wrapt.ObjectProxy):
         cand[:, :start] = False
         cand[:, start + bl:] = False
         r_idx, p_idx = cand.nonzero(as_tuple=True)
-        tok, conf, kl = self._self_tracker.update(logits[r_idx, p_idx], r_idx, p_idx)
+        tok, conf, kl = self._self_tracker.update(logits, r_idx, p_idx)
         full = [torch.full((rows, length), v, dtype=torch.float64, device=ids.device) for v in (-math.inf, math.inf)]
         full[0][r_idx, p_idx], full[1][r_idx, p_idx] = conf, kl
         x0 = ids.clone()
@@ -214,7 +215,7 @@ class ObservedModel(wrapt.ObjectProxy):
         if step == spb - 1 and block + 1 < num_blocks:
             nxt = torch.arange(start + bl, start + 2 * bl, device=ids.device)
             for r in range(rows):
-                self._self_tracker.remember(logits[r, nxt], torch.full_like(nxt, r), nxt)
+                self._self_tracker.remember(logits, torch.full_like(nxt, r), nxt)
         self._self_pending = (t, cand, x0, full[0], full[1])
         self._self_calls += 1
         return out
