@@ -10,8 +10,9 @@ The algorithm is in ``klass_patch.core``; the family adapters in ``klass_patch.l
 ``klass_patch.dream``; the patching rules in ``klass_patch.patching``.
 """
 from .core import GenerateOutput, KlassConfig, write_steps_jsonl
-from .patching import IncompatibleUpstreamError, PatchInfo, UnknownUpstreamWarning, apply, patched, revert
+from .patching import (IncompatibleUpstreamError, PatchInfo, UnknownUpstreamWarning, apply, patch_installed, patched,
+                       revert)
 
 __version__ = "0.1.0"
-__all__ = ["apply", "revert", "patched", "PatchInfo", "KlassConfig", "GenerateOutput", "write_steps_jsonl",
+__all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "KlassConfig", "GenerateOutput", "write_steps_jsonl",
            "IncompatibleUpstreamError", "UnknownUpstreamWarning", "__version__"]

@@ -1,9 +1,18 @@
-"""Command line: ``klass-patch demo`` (also ``python -m klass_patch demo``)."""
+"""Command line (``klass-patch``, also ``python -m klass_patch``).
+
+    klass-patch demo                               KLASS vs upstream's default sampler on a toy model
+    klass-patch install [--dream PATH] [--llada PATH] [--dry-run]
+                                                   rewrite Dream/LLaDA files to accept alg="klass"
+    klass-patch status  [--dream PATH] [--llada PATH]
+    klass-patch revert  [--dream PATH] [--llada PATH]
+Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,17 +70,55 @@ def _fmt(p):
     return f"(conf {p['conf_threshold']}, KL {p['kl_threshold']}, n {p['kl_history_length']})"
 
 
+def files(command, dream, llada, dry_run=False) -> int:
+    """install / status / revert over the named targets, or the discovered ones."""
+    from . import installer
+    try:
+        targets = [installer.resolve("dream", p) for p in dream] + [installer.resolve("llada", p) for p in llada]
+    except installer.InstallError as e:
+        print(f"klass-patch {command}: {e}", file=sys.stderr)
+        return 2
+    if not targets:
+        targets = installer.discover()
+        print(f"klass-patch {command}: no --dream/--llada given; looked in {installer.hub_cache()}, "
+              f"{installer.modules_cache()} and {Path.cwd()}: found {len(targets)} file(s)")
+    failed = 0
+    for target in targets:
+        try:
+            if command == "status":
+                print(installer.state(target).describe())
+            elif command == "install":
+                print(installer.install(target, dry_run=dry_run).describe())
+            else:
+                print(installer.revert(target).describe())
+        except installer.InstallError as e:
+            print(f"klass-patch {command}: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="klass-patch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="klass-patch", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run KLASS against upstream's default sampler on a built-in toy model")
     d.add_argument("--gen-length", type=int, default=32)
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--block-length", type=int, default=8)
+    for name, text in (("install", "rewrite Dream's generation_utils.py / LLaDA's generate.py to accept alg='klass'"),
+                       ("status", "say which upstream version each file is and whether it is patched"),
+                       ("revert", "restore the original files byte for byte")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dream", action="append", default=[], metavar="PATH",
+                       help="a Dream model folder or its generation_utils.py (repeatable)")
+        p.add_argument("--llada", action="append", default=[], metavar="PATH",
+                       help="LLaDA's generate.py or the folder holding it (repeatable)")
+        if name == "install":
+            p.add_argument("--dry-run", action="store_true", help="show the change (a diff); write nothing")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.gen_length, args.steps, args.block_length)
-    return 2
+    return files(args.command, args.dream, args.llada, getattr(args, "dry_run", False))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ from packaging.version import Version
 from . import dream, llada
 from .versions import dream_missing, identify_module, known_ids, llada_missing, module_file
 
-__all__ = ["apply", "revert", "patched", "PatchInfo", "IncompatibleUpstreamError", "UnknownUpstreamWarning"]
+__all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "IncompatibleUpstreamError",
+           "UnknownUpstreamWarning"]
+
+# A file rewritten by ``klass-patch install`` sets this module attribute to its upstream version id.
+INSTALLED_MARK = "__klass_patch_installed__"
 
 
 class IncompatibleUpstreamError(TypeError):
@@ -118,7 +122,8 @@ def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             return None
         target.gate()
-        version = identify_module(module, family)
+        installed = getattr(module, INSTALLED_MARK, None)
+        version = f"{installed} (installed file)" if installed else identify_module(module, family)
         path = module_file(module)
         if version.startswith("unknown"):
             warnings.warn(f"klass_patch: {module.__name__} ({path}) is {version} of {family}, not one of "
@@ -201,6 +206,27 @@ def apply(obj=None) -> List[PatchInfo]:
             if family is not None:
                 _patch_module(module, family, explicit=False)
         return patched()
+
+
+def patch_installed(namespace: dict, family: str, version: str) -> None:
+    """Called by a file that ``klass-patch install`` rewrote, at the end of its own import.
+
+    Wraps the module's objects exactly as ``apply(module)`` does, for good: ``revert()`` leaves them (the
+    file itself is what ``klass-patch revert`` restores).
+    """
+    name = namespace.get("__name__")
+    module = sys.modules.get(name)
+    if module is None or module.__dict__ is not namespace:
+        raise ImportError(f"klass_patch: {name} must be imported as a module to be patched")
+    setattr(module, INSTALLED_MARK, version)
+    target = TARGETS[family]
+    missing = target.missing(module)
+    if missing:
+        raise IncompatibleUpstreamError(f"klass_patch: {name} ({version}) lacks {', '.join(missing)}")
+    target.gate()
+    for owner, attr, wrapper in target.attributes(module):
+        if not isinstance(owner.__dict__[attr], _KlassWrapper):
+            setattr(owner, attr, _KlassWrapper(owner.__dict__[attr], wrapper))
 
 
 def revert() -> None:

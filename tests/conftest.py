@@ -55,3 +55,34 @@ def _reverted():
     klass_patch.revert()
     yield
     klass_patch.revert()
+
+
+def standin_catalog(folder, versions=None):
+    """An installer catalog knowing the stand-ins (or the given ``{family: {id: bytes}}``), with diffs made
+    by the same code that made the vendored ones."""
+    from klass_patch import installer
+    from klass_patch.versions import UpstreamVersion, normalized_sha256, sha256
+    versions = versions or {f: {f"standin-{f}": STANDIN[f].read_bytes()} for f in STANDIN}
+    known = []
+    for family, by_id in versions.items():
+        for vid, data in by_id.items():
+            known.append(UpstreamVersion(vid, family, sha256(data), normalized_sha256(data)))
+            out = Path(folder) / family / f"{vid}.patch"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(installer.make_diff(family, vid, [data]))
+    return installer.Catalog(known, Path(folder))
+
+
+def installed_copy(path, family, folder):
+    """A copy of ``path`` in ``folder``, rewritten by the installer (stand-ins with their own catalog)."""
+    import shutil
+
+    from klass_patch import installer
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / FILENAME[family]
+    shutil.copyfile(path, dst)
+    catalog = standin_catalog(folder / "diffs") if Path(path) == STANDIN[family] else installer.Catalog()
+    result = installer.install(installer.Target(family, dst), catalog=catalog)
+    assert result.action == "installed", result.describe()
+    return dst

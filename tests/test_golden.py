@@ -4,7 +4,7 @@ import torch
 
 import klass_patch
 from compare import assert_steps_match
-from conftest import load_file, needs_transformers, sources
+from conftest import installed_copy, load_file, needs_transformers, sources
 from replay import DREAM_SPECIAL, ReplayModel, dream_kwargs, dream_replay_class, load, reference_steps, traces
 
 
@@ -36,14 +36,22 @@ def check(model, out, trace):
 
 
 @pytest.fixture(scope="module", params=sources("llada"))
-def llada_module(request):
-    module = load_file(request.param)
-    return module
+def llada_file(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["apply(module)", "installed file"])
+def llada_module(request, llada_file, tmp_path_factory):
+    if request.param == "installed file":  # rewritten by the installer; no runtime apply()
+        return load_file(installed_copy(llada_file, "llada", tmp_path_factory.mktemp("llada"))), False
+    return load_file(llada_file), True
 
 
 @pytest.mark.parametrize("name", traces("llada"))
 def test_llada_trace(llada_module, name):
-    klass_patch.apply(llada_module)
+    llada_module, needs_apply = llada_module
+    if needs_apply:
+        klass_patch.apply(llada_module)
     trace = load(name)
     left = int((trace["output"] == trace["mask_id"]).sum())
     if left:
@@ -55,12 +63,15 @@ def test_llada_trace(llada_module, name):
 
 
 @pytest.mark.parametrize("path", sources("dream"))
-@pytest.mark.parametrize("how", ["apply(module)", "apply() then import"])
-def test_dream_traces(path, how):
+@pytest.mark.parametrize("how", ["apply(module)", "apply() then import", "installed file"])
+def test_dream_traces(path, how, tmp_path):
     needs_transformers(path)
     if how == "apply(module)":
         module = load_file(path)
         klass_patch.apply(module)
+    elif how == "installed file":  # rewritten by the installer; no runtime apply()
+        module = load_file(installed_copy(path, "dream", tmp_path))
+        assert klass_patch.patched() == []
     else:
         klass_patch.apply()
         module = load_file(path)  # patched by the import hook

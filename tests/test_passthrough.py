@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import klass_patch
-from conftest import STANDIN, load_file, needs_transformers, sources
+from conftest import STANDIN, installed_copy, load_file, needs_transformers, sources
 from klass_patch.toy.models import ToyDenoiser, dream_model
 
 LLADA_MASK = 126336
@@ -52,9 +52,24 @@ LLADA_CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sources("llada"))
-def llada_pair(request):
-    return load_file(request.param), load_file(request.param)
+def _patched_copy(path, family, how, tmp_path_factory):
+    """The module under test: patched at run time (the test calls apply) or rewritten by the installer."""
+    if how == "installed file":
+        return load_file(installed_copy(path, family, tmp_path_factory.mktemp(family)))
+    return load_file(path)
+
+
+HOW = ["apply(module)", "installed file"]
+
+
+def _with_how(params):
+    return [pytest.param((p.values[0], how), id=f"{p.id}-{how}", marks=p.marks) for p in params for how in HOW]
+
+
+@pytest.fixture(scope="module", params=_with_how(sources("llada")))
+def llada_pair(request, tmp_path_factory):
+    path, how = request.param
+    return load_file(path), _patched_copy(path, "llada", how, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", LLADA_CASES)
@@ -105,10 +120,11 @@ def _dream_model(module, path, **kw):
     return model, special
 
 
-@pytest.fixture(scope="module", params=sources("dream"))
-def dream_pair(request):
-    needs_transformers(request.param)
-    return request.param, load_file(request.param), load_file(request.param)
+@pytest.fixture(scope="module", params=_with_how(sources("dream")))
+def dream_pair(request, tmp_path_factory):
+    path, how = request.param
+    needs_transformers(path)
+    return path, load_file(path), _patched_copy(path, "dream", how, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", DREAM_CASES)
