@@ -5,6 +5,9 @@
                                                    rewrite Dream/LLaDA files to accept alg="klass"
     klass-patch status  [--dream PATH] [--llada PATH]
     klass-patch revert  [--dream PATH] [--llada PATH]
+    klass-patch eval --model M --dataset gsm8k|math500|humaneval|mbpp [...]   the paper's evaluation
+    klass-patch eval --compare DIR DIR ...         the paper's table from eval folders
+    klass-patch plot-steps LOG|DIR                 which position was decided when (PNG)
 Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder.
 """
 from __future__ import annotations
@@ -15,6 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from .evaluation.cli import add_subcommands as add_eval_commands
+from .evaluation.cli import dispatch as dispatch_eval
 
 PAPER = {  # the authors' GSM8K settings
     "llada": dict(conf_threshold=0.6, kl_threshold=0.015, kl_history_length=2),
@@ -105,6 +111,7 @@ def main(argv=None) -> int:
     d.add_argument("--gen-length", type=int, default=32)
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--block-length", type=int, default=8)
+    add_eval_commands(sub)
     for name, text in (("install", "rewrite Dream's generation_utils.py / LLaDA's generate.py to accept alg='klass'"),
                        ("status", "say which upstream version each file is and whether it is patched"),
                        ("revert", "restore the original files byte for byte")):
@@ -118,7 +125,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.gen_length, args.steps, args.block_length)
-    return files(args.command, args.dream, args.llada, getattr(args, "dry_run", False))
+    if args.command in ("install", "status", "revert"):
+        return files(args.command, args.dream, args.llada, getattr(args, "dry_run", False))
+    rc = dispatch_eval(args)
+    return 2 if rc is None else rc
 
 
 if __name__ == "__main__":

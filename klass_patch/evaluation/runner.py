@@ -1,0 +1,356 @@
+"""The evaluation loop: prompts in, generations out, scored, written one line per example, resumable.
+
+Output folder:
+
+- ``results.jsonl``: one JSON object per example, appended and flushed as soon as it is scored: ``id``,
+  ``prompt``, ``generation``, ``answer`` (parsed answer, or the code that was run), ``gold``, ``correct``,
+  ``steps`` (model forwards), ``seconds`` (generation wall time; a batch's time split evenly over its rows),
+  ``tokens`` (generated positions), and ``exec`` (code datasets), ``final_kl`` and ``steps_log`` (with
+  ``save_steps``). A run started again with the same settings skips the examples already there.
+- ``summary.json`` (written atomically, after every batch): accuracy, average steps, tokens per second,
+  wall time, all settings, package versions (and what klass-patch patched); ``complete`` says whether
+  every example is done; ``run`` holds what a resumed run must match.
+- ``steps/<id>.jsonl`` with ``save_steps``: the example's step records (``klass_patch.write_steps_jsonl``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from .data import Example, messages
+from .execution import humaneval_program, mbpp_program, run_program
+from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
+from .settings import CODE_DATASETS, Settings
+
+RESULTS, SUMMARY, STEPS = "results.jsonl", "summary.json", "steps"
+LLADA_MASK_ID = 126336
+# Settings that do not change what a run generates: a run may be resumed with other values of these.
+NOT_IN_RUN_KEY = ("batch_size", "save_steps")
+
+
+class CodeExecutionRefused(ValueError):
+    """A code dataset was asked for without allow_code_execution."""
+
+
+def refuse_code_execution(dataset: str, allow: bool) -> None:
+    if dataset in CODE_DATASETS and not allow:
+        raise CodeExecutionRefused(
+            f"{dataset} is scored by running the model's code against the tests; pass --allow-code-execution "
+            "(allow_code_execution=True) to accept that. The code runs in a separate process with a timeout "
+            "and memory/CPU limits, not in a sandbox: use a container or VM for untrusted models.")
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_results(path, log=print) -> dict:
+    """Finished examples by id. Lines cut short by an interruption are dropped (and the file repaired)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    done, dropped = {}, 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            done[str(record["id"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += line.strip() != ""
+    if dropped or (text and not text.endswith("\n")):
+        log(f"{path}: dropped {dropped} incomplete line(s) left by an interrupted run")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in done.values())
+        os.replace(tmp, path)
+    return done
+
+
+def versions() -> dict:
+    import platform
+    from importlib import metadata
+
+    import klass_patch
+
+    found = {"python": platform.python_version(), "klass-patch": klass_patch.__version__, "torch": torch.__version__}
+    for dist in ("transformers", "tokenizers", "math-verify", "datasets"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        found["cuda_device"] = torch.cuda.get_device_name()
+    found["patched"] = [dataclasses.asdict(p) for p in klass_patch.patched()]
+    return found
+
+
+def llada_generate_of(obj) -> Callable:
+    """The patched ``generate`` of a LLaDA ``generate.py`` module (or of the module of a function)."""
+    import klass_patch
+
+    module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", ""), None)
+    klass_patch.apply(module if module is not None else obj)
+    return getattr(module, "generate") if module is not None else obj
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def grade(dataset: str, example: Example, generation: str, timeout: float) -> dict:
+    """``answer``, ``correct`` (and ``exec`` for code) of one generation."""
+    if dataset == "gsm8k":
+        answer = parse_gsm8k_answer(generation)
+        return {"answer": answer, "correct": answer == example.gold}
+    if dataset == "math500":
+        answer = extract_math_answer(generation)
+        return {"answer": answer, "correct": math_equal(example.gold, answer)}
+    if dataset == "humaneval":
+        code = humaneval_code(generation)
+        result = run_program(humaneval_program(example.raw, code), timeout)
+    else:
+        code = mbpp_code(generation)
+        result = run_program(mbpp_program(example.raw, code), timeout)
+    return {"answer": code, "correct": result.passed, "exec": result.status}
+
+
+def decode(tokenizer, ids: torch.Tensor, family: str, dataset: str) -> str:
+    """A generation's text as the authors decode it: LLaDA ``batch_decode(skip_special_tokens=True)``,
+    Dream ``decode`` of everything; both cut at the first EOS token's text (LLaDA: code datasets only)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if family == "llada":
+        text = tokenizer.batch_decode(ids.unsqueeze(0), skip_special_tokens=True)[0]
+        cut = dataset in CODE_DATASETS
+    else:
+        text, cut = tokenizer.decode(ids.tolist()), True
+    return text.split(eos)[0] if (cut and eos) else text
+
+
+def encode(tokenizer, texts: List[str], family: str, device):
+    """Left-padded ``input_ids`` and ``attention_mask``. LLaDA: ``tokenizer(prompt)`` as the authors'
+    LLaDA script; Dream: no special tokens added, as ``apply_chat_template(tokenize=True)`` does."""
+    rows = [list(tokenizer(t, add_special_tokens=family == "llada")["input_ids"]) for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def split_history(history: list, row: int, rows: int) -> list:
+    """One row's step records out of a batch's (row renumbered 0; steps where it was done left out)."""
+    if rows == 1:
+        return history
+    out = []
+    for rec in history:
+        done = [dict(t, row=0) for t in rec["decoded_tokens"] if t["row"] == row]
+        every = [dict(t, row=0) for t in rec["all_tokens"] if t["row"] == row]
+        if done or every:
+            out.append({"step": rec["step"], "decoded_tokens_num": len(done), "decoded_tokens": done,
+                        "all_tokens": every})
+    return out
+
+
+def final_kl(history: list) -> Optional[float]:
+    """Mean, over the generated tokens, of the KL divergence each had at the step it was decided."""
+    kls = [t["kl_divergence"] for rec in history for t in rec["decoded_tokens"]]
+    return sum(kls) / len(kls) if kls else None
+
+
+class _Generator:
+    """One batch of prompts -> (sequences, used steps, step records) with the run's settings."""
+
+    def __init__(self, model, settings: Settings, generate_fn=None):
+        self.model, self.s = model, settings
+        if settings.family == "llada":
+            if generate_fn is None:
+                raise ValueError("LLaDA needs generate_fn: the generate function (or module) of LLaDA's "
+                                 "generate.py, e.g. klass_patch.toy.llada_generate")
+            self.fn = llada_generate_of(generate_fn)
+            self.takes_mask = "attention_mask" in inspect.signature(self.fn).parameters
+            if settings.batch_size > 1 and not self.takes_mask:
+                raise ValueError("batch_size (--batch-size) > 1 needs a LLaDA generate() that takes "
+                                 "attention_mask (the 2025-10 generate.py); use --batch-size 1 with this one")
+        else:
+            import klass_patch
+
+            klass_patch.apply(model)  # the model's DreamGenerationMixin takes alg="klass" from now on
+
+    def __call__(self, ids, mask):
+        s = self.s
+        if s.family == "llada":
+            kw = dict(steps=s.steps, gen_length=s.gen_length, block_length=s.block_length,
+                      temperature=s.temperature, remasking="random" if s.alg == "random" else "low_confidence",
+                      mask_id=s.mask_id, return_dict_in_generate=True, save_steps=s.save_steps)
+            if s.alg == "klass":
+                kw.update(alg="klass", **s.klass_kwargs())
+            if not bool(mask.all()):
+                kw["attention_mask"] = mask
+            out = self.fn(self.model, ids, **kw)
+        else:
+            kw = dict(attention_mask=mask, max_new_tokens=s.gen_length, steps=s.steps, temperature=s.temperature,
+                      top_p=s.top_p, alg=s.alg, alg_temp=0.0, return_dict_in_generate=True, **s.klass_kwargs())
+            if s.save_steps:
+                kw["save_steps"] = True
+            out = self.model.diffusion_generate(ids, **kw)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        used = getattr(out, "used_steps", None)  # upstream Dream without KLASS: none; every step ran
+        used = [int(u) for u in used] if used is not None else [s.steps] * sequences.shape[0]
+        history = out.history if s.save_steps else None
+        return sequences, used, history
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(records: List[dict], total: int, run: dict, started: float, settings: Settings) -> dict:
+    """The summary of the examples done so far (``records``) out of ``total``."""
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    return {
+        "model": run["model"], "family": run["settings"]["family"], "dataset": run["settings"]["dataset"],
+        "method": run["method"],
+        "n": n, "total": total, "complete": n == total, "correct": correct,
+        "accuracy": round(100.0 * correct / n, 2) if n else None,
+        "average_steps": round(sum(r["steps"] for r in records) / n, 2) if n else None,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+        "wall_time_s": round(seconds, 3),  # generation time of the examples counted, over every session
+        "session_time_s": round(time.time() - started, 3),  # this session, loading excluded, scoring included
+        "settings": settings.to_dict(), "run": run, "versions": versions(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_dir, *, generate_fn=None,
+             allow_code_execution: bool = False, model_name: Optional[str] = None, data_source: str = "",
+             progress: bool = True, log: Callable = print) -> dict:
+    """Evaluate ``model`` on ``examples`` with ``settings``; write ``out_dir``; return the summary.
+
+    ``generate_fn``: for LLaDA, the upstream ``generate`` function or its module (patched here). Examples
+    already in ``out_dir/results.jsonl`` from a run with the same settings are skipped; a folder holding a
+    run with other settings is refused. Raises ``ValueError`` on bad input before any model forward.
+    """
+    refuse_code_execution(settings.dataset, allow_code_execution)
+    s = settings
+    if s.family == "llada" and s.mask_id is None:
+        found = getattr(getattr(model, "config", None), "mask_token_id", None)
+        found = found if found is not None else getattr(tokenizer, "mask_token_id", None)
+        s = dataclasses.replace(s, mask_id=int(found) if found is not None else LLADA_MASK_ID)
+    generator = _Generator(model, s, generate_fn)
+    if not examples:
+        raise ValueError("no examples to evaluate (check --data and --limit)")
+
+    out = Path(out_dir)
+    run = make_run(s, model_name or type(model).__name__, data_source)
+    check_resumable(out, run)
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_results(out / RESULTS, log)
+    ids = {ex.id for ex in examples}
+    counted = [r for i, r in done.items() if i in ids]
+    pending = [(i, ex) for i, ex in enumerate(examples) if ex.id not in done]
+    if counted:
+        log(f"Resuming {out}: {len(counted)} of {len(examples)} examples already done, {len(pending)} to go.")
+    started = time.time()
+    write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s))
+    if s.save_steps:
+        (out / STEPS).mkdir(exist_ok=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(examples), initial=len(counted), desc=f"{s.dataset} {s.alg}", disable=not progress,
+               dynamic_ncols=True)
+    device = getattr(model, "device", "cpu")
+    try:
+        with open(out / RESULTS, "a", encoding="utf-8") as f:
+            for start in range(0, len(pending), s.batch_size):
+                batch = pending[start:start + s.batch_size]
+                prompts = [tokenizer.apply_chat_template(messages(s.dataset, ex), add_generation_prompt=True,
+                                                         tokenize=False) for _, ex in batch]
+                ids, mask = encode(tokenizer, prompts, s.family, device)
+                torch.manual_seed(s.seed + batch[0][0])  # a batch's random stream depends on its first example
+                _sync(device)
+                t0 = time.perf_counter()
+                sequences, used, history = generator(ids, mask)
+                _sync(device)
+                seconds = (time.perf_counter() - t0) / len(batch)
+                for row, ((_, ex), prompt) in enumerate(zip(batch, prompts)):
+                    generation = decode(tokenizer, sequences[row, ids.shape[1]:].cpu(), s.family, s.dataset)
+                    record = {"id": ex.id, "prompt": prompt, "generation": generation, "gold": ex.gold,
+                              **grade(s.dataset, ex, generation, s.timeout), "steps": used[row],
+                              "seconds": round(seconds, 4), "tokens": s.gen_length}
+                    if history is not None:
+                        steps = split_history(history, row, len(batch))
+                        record["final_kl"] = final_kl(steps)
+                        record["steps_log"] = f"{STEPS}/{_safe(ex.id)}.jsonl"
+                        from .. import write_steps_jsonl
+
+                        write_steps_jsonl(steps, out / record["steps_log"])
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    counted.append(record)
+                    bar.update(1)
+                acc = sum(bool(r["correct"]) for r in counted) / len(counted)
+                bar.set_postfix(acc=f"{100 * acc:.1f}%", steps=f"{sum(r['steps'] for r in counted) / len(counted):.1f}")
+                write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s))
+    finally:
+        bar.close()
+        summary = summarize(counted, len(examples), run, started, s)
+        write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def make_run(settings: Settings, model_name: str, data_source: str) -> dict:
+    """What identifies a run: a folder holding another run is not resumed with this one."""
+    key = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RUN_KEY}
+    return {"model": model_name, "data": data_source, "method": settings.label(), "settings": key}
+
+
+def check_resumable(out, run: dict, ignore=()) -> None:
+    """Raise ``ValueError`` if ``out`` holds a run made with other settings (``ignore``: keys not compared)."""
+    path = Path(out) / SUMMARY
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))["run"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return
+    diff = [k for k in sorted(set(before["settings"]) | set(run["settings"]))
+            if k not in ignore and before["settings"].get(k) != run["settings"].get(k)]
+    diff += [k for k in ("model", "data") if before.get(k) != run.get(k)]
+    if diff:
+        what = ", ".join(f"{k}: {before['settings'].get(k, before.get(k))!r} -> "
+                         f"{run['settings'].get(k, run.get(k))!r}" for k in diff)
+        raise ValueError(f"{out} holds a run with other settings ({what}); resume it with the same settings, "
+                         "or pass another --out")

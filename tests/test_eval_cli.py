@@ -1,0 +1,156 @@
+"""Evaluation command line: ``eval`` from a model folder, ``eval --compare``, ``plot-steps``, refusals."""
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from fixtures.eval import toys
+from klass_patch.evaluation import load_examples, resolve_settings, run_eval
+from klass_patch.evaluation.cli import add_subcommands, dispatch, main
+from klass_patch.toy import llada_generate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+SMALL = ["--gen-length", "16", "--steps", "16"]
+
+
+def png_size(path):
+    """(width, height) of a PNG, after checking its signature and header chunk."""
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def run_small(out, family, alg, save_steps=True):
+    tokenizer = toys.tokenizer()
+    model = toys.llada_toy() if family == "llada" else toys.dream_toy()
+    small = dict(gen_length=16, steps=16, **({"block_length": 8} if family == "llada" else {}))
+    s = resolve_settings(family, "gsm8k", alg=alg, save_steps=save_steps, **small)
+    return run_eval(model, tokenizer, load_examples("gsm8k", FIXTURES / "gsm8k.jsonl"), s, out,
+                    generate_fn=llada_generate, model_name="toy", progress=False)
+
+
+def test_wiring_into_another_parser(capsys):
+    parser = argparse.ArgumentParser(prog="klass-patch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo")
+    add_subcommands(sub)
+    assert dispatch(parser.parse_args(["demo"])) is None  # not ours
+    args = parser.parse_args(["eval", "--dataset", "gsm8k"])
+    assert dispatch(args) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_eval_from_a_model_folder(tmp_path, monkeypatch, capsys, family):
+    """The whole command: family read from the config, remote code patched at load, LLaDA's generate.py
+    falling back to the stand-in; then the same command again resumes with nothing left to do."""
+    folder = toys.model_folder(tmp_path / f"toy_{family}_model", family)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(folder), "--dataset", "gsm8k", "--data", str(FIXTURES / "gsm8k.jsonl"),
+            "--limit", "2", "--out", str(out), "--save-steps", "--no-progress", "--device", "cpu", *SMALL]
+    argv += ["--block-length", "8"] if family == "llada" else []
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"({family}) on gsm8k, 2 examples" in printed
+    assert "kl_threshold       " + ("0.015" if family == "llada" else "0.001") in printed  # authors' defaults shown
+    assert ("using klass-patch's stand-in" in printed) is (family == "llada")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["family"] == family and summary["n"] == 2 and summary["model"] == str(folder)
+    assert summary["average_steps"] < 16  # KLASS ran (upstream's sampler would take all 16 steps)
+    patched = {p["family"] for p in summary["versions"]["patched"]}
+    assert family in patched
+    assert main(argv) == 0
+    assert "2 of 2 examples already done" in capsys.readouterr().out
+
+
+def test_code_execution_refused_before_loading(tmp_path, capsys):
+    argv = ["eval", "--model", str(tmp_path / "no_such_model"), "--dataset", "humaneval",
+            "--data", str(FIXTURES / "humaneval.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "humaneval is scored by running the model's code" in err and "--allow-code-execution" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--family", "llada", "--top-p", "0.9"], "top_p (--top-p) applies to Dream only"),
+    (["--family", "llada", "--gen-length", "100"], "gen_length (100, --gen-length) must be a multiple of block_length"),
+    (["--family", "dream", "--alg", "default"], "alg (--alg) must be one of klass, maskgit_plus, origin"),
+    (["--family", "dream", "--conf-threshold", "1.5"], "conf_threshold (--conf-threshold) must be a number in [0, 1]"),
+    (["--family", "dream", "--data", "missing.jsonl"], "--data: no such file"),
+    (["--family", "llada", "--batch-size", "0"], "batch_size (--batch-size) must be an int >= 1"),
+    (["--limit", "0"], "no examples to evaluate"),
+    ([], "--model: cannot load the config of"),
+])
+def test_bad_input_reported_before_loading(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tmp_path / "no_such_model"), "--dataset", "gsm8k"]
+    if "--data" not in extra:
+        argv += ["--data", str(FIXTURES / "gsm8k.jsonl")]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_compare_table(tmp_path, capsys):
+    base = run_small(tmp_path / "base", "llada", "default", save_steps=False)
+    fast = run_small(tmp_path / "klass", "llada", "klass", save_steps=False)
+    assert main(["eval", "--compare", str(tmp_path / "base"), str(tmp_path / "klass")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "toy on gsm8k"
+    assert lines[1].split() == ["method", "n", "accuracy", "avg", "steps", "step", "speed-up", "wall", "time", "(s)",
+                                "time", "speed-up"]
+    first, second = lines[3], lines[4]
+    assert first.split()[:5] == ["default", "3", f"{base['accuracy']:.2f}", "16.00", "1.00x"]
+    assert second.startswith("klass (conf 0.6, KL 0.015, n 2)")
+    cells = second.split(")", 1)[1].split()
+    assert cells[:4] == ["3", f"{fast['accuracy']:.2f}", f"{fast['average_steps']:.2f}",
+                         f"{16 / fast['average_steps']:.2f}x"]
+    assert cells[5] == f"{base['wall_time_s'] / fast['wall_time_s']:.2f}x"
+
+
+def test_compare_notes_and_errors(tmp_path, capsys):
+    run_small(tmp_path / "a", "llada", "default", save_steps=False)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    summary.update(dataset="math500", complete=False, n=2)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(json.dumps(summary))
+    assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "has dataset 'math500', the first run 'gsm8k'" in out and "is unfinished (2 of 3 examples)" in out
+    assert main(["eval", "--compare", str(tmp_path / "nothing")]) == 2
+    assert "is not an eval output folder" in capsys.readouterr().err
+
+
+def test_plot_steps(tmp_path, capsys):
+    run_small(tmp_path / "run", "dream", "klass")
+    log = tmp_path / "run" / "steps" / "0.jsonl"
+    assert main(["plot-steps", str(log)]) == 0
+    png = log.with_suffix(".png")
+    assert f"wrote {png}" in capsys.readouterr().out
+    width, height = png_size(png)
+    assert width > 500 and height > 400
+    # the eval folder: final KL of correct vs incorrect answers (make one "correct" to fill both groups)
+    results = tmp_path / "run" / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows[0]["correct"] = True
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "figure.png"
+    assert main(["plot-steps", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert png_size(out)[0] > 300
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(out))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.01  # decodes, and is not blank
+
+
+def test_plot_steps_errors(tmp_path, capsys):
+    run_small(tmp_path / "run", "llada", "klass", save_steps=False)
+    assert main(["plot-steps", str(tmp_path / "run")]) == 2
+    assert "no final_kl values: run eval with --save-steps" in capsys.readouterr().err
+    assert main(["plot-steps", str(tmp_path / "run" / "summary.json")]) == 2
+    assert "is not a step log" in capsys.readouterr().err
+    assert main(["plot-steps", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
