@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install klass-patch into the current Python environment and run the built-in tiny demo.
+# Install klass-patch into the current Python environment, rewrite the Dream/LLaDA files it finds (or the ones
+# named: bash install.sh --dream PATH --llada PATH), then run the built-in tiny demo.
 # An existing torch is never replaced; without one, torch==2.13.0 is installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -13,5 +14,7 @@ else
 fi
 "$PYTHON" -m pip install -q .
 echo "klass-patch: installed $("$PYTHON" -c 'import klass_patch; print(klass_patch.__version__)')"
+echo
+"$PYTHON" -m klass_patch install "$@"   # without --dream/--llada: the Hugging Face caches and ./generate.py
 echo
 "$PYTHON" -m klass_patch demo
