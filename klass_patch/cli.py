@@ -105,7 +105,8 @@ def files(command, dream, llada, dry_run=False) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="klass-patch", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run KLASS against upstream's default sampler on a built-in toy model")
     d.add_argument("--gen-length", type=int, default=32)
