@@ -114,6 +114,30 @@ def _log_eps(device) -> torch.Tensor:
     return torch.log(torch.zeros((), dtype=torch.float64, device=device) + EPS)
 
 
+def low_precision_max_position(logits, rows, read, conf64, candidates):
+    """Per row of ``candidates`` ([rows, length]), the position whose top probability in the logits' own
+    dtype is largest (first on ties), as upstream's ``softmax(...).max()`` then ``argmax`` over positions
+    picks it. ``conf64`` ([rows, length], float64, -inf off candidates) decides unless another candidate
+    of the row is within a relative 1e-3 (or 8 ulps of the dtype) of the row's best; those few positions
+    are then computed in the logits' dtype. ``rows``/``read``: row and logits position of each candidate,
+    in ``candidates.nonzero()`` order."""
+    best = conf64.max(-1, keepdim=True).values
+    rtol = max(1e-3, 8 * torch.finfo(logits.dtype).eps)
+    close = candidates & (conf64 >= best * (1 - rtol))
+    pick = conf64.argmax(-1)
+    tied = close.sum(-1) > 1
+    if bool(tied.any()):
+        r_c, p_c = (close & tied.unsqueeze(-1)).nonzero(as_tuple=True)
+        index = torch.full(candidates.shape, -1, dtype=torch.long, device=candidates.device)
+        index[candidates] = torch.arange(int(candidates.sum()), device=candidates.device)
+        k = index[r_c, p_c]
+        exact = torch.softmax(logits[rows[k], read[k]], dim=-1).max(-1).values
+        scores = torch.full(candidates.shape, -math.inf, dtype=exact.dtype, device=candidates.device)
+        scores[r_c, p_c] = exact
+        pick = torch.where(tied, scores.argmax(-1), pick)
+    return pick
+
+
 class StabilityTracker:
     """KL divergence between consecutive steps and its history, for a ``[rows, length]`` grid of positions.
 
@@ -146,46 +170,75 @@ class StabilityTracker:
 
     def update(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                low_precision_tokens: bool = False, read_pos: Optional[torch.Tensor] = None):
-        """Advance positions ``(rows[i], pos[i])`` by one step.
+        """Advance positions ``(rows[i], pos[i])`` (in ``nonzero()`` order) by one step.
 
         ``logits`` is either ``[N, V]`` (row i belongs to position i) or the whole ``[rows, length, V]``
-        output, read only at the positions given (or at ``read_pos``, e.g. a shifted view). The token of a position is ``tokens[i]`` if given, else
-        the argmax of the softmax computed in the logits' own dtype if ``low_precision_tokens`` (whose
-        maximum is returned as a fourth value), else the float64 argmax.
+        output, read only at the positions given (or at ``read_pos``, e.g. a shifted view). The token of a
+        position is ``tokens[i]`` if given, else the argmax of the float64 softmax or, if
+        ``low_precision_tokens``, of the softmax in the logits' own dtype (upstream Dream's token): the
+        same index unless two probabilities are within rounding of each other, which is checked, and
+        then computed in that dtype.
 
-        Returns ``(tokens, confidence, kl[, low_precision_confidence])``: the token, its float64
-        probability, and the KL to the previous step, which is also pushed into the history.
+        Returns ``(tokens, confidence, kl)``: the token, its float64 probability, and the KL to the
+        previous step, which is also pushed into the history.
+
+        Runs of consecutive positions are read and written through views (no gather, no scatter); the
+        positions' indices leave the device once per call.
         """
         n = rows.shape[0]
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
+        read = pos if read_pos is None else read_pos
+        rows_h, read_h, slots_h = rows.tolist(), read.tolist(), slots.tolist()
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
-        low_conf = torch.empty(n, dtype=logits.dtype, device=self.device) if low_precision_tokens else None
+        near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
+        near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
         log_p, work = self._scratch[0], self._scratch[1]
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
-            chunk = self._rows(logits, rows, pos if read_pos is None else read_pos, a, b)
+            k = b - a
+            in_run = slots_h[a:b] == list(range(slots_h[a], slots_h[a] + k))  # consecutive slots of the store
+            if logits.dim() == 2:
+                chunk = logits[a:b]
+            elif rows_h[a] == rows_h[b - 1] and read_h[a:b] == list(range(read_h[a], read_h[a] + k)):
+                chunk = logits[rows_h[a], read_h[a]:read_h[a] + k]
+            else:
+                chunk = logits[rows[a:b], read[a:b]]
             p = torch.softmax(chunk.to(torch.float64), dim=-1)
             if tokens is not None:
                 tok = tokens[a:b]
-            elif low_precision_tokens:
-                low_conf[a:b], tok = torch.softmax(chunk, dim=-1).max(-1)
+                conf[a:b] = p.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
             else:
-                tok = p.argmax(-1)
+                top, tok = p.max(-1)
+                conf[a:b] = top
+                if low_precision_tokens:  # second largest probability: blank the top, take the max, put it back
+                    p.scatter_(-1, tok.unsqueeze(-1), -1.0)
+                    near[a:b] = p.amax(-1) >= top * near_ratio
+                    p.scatter_(-1, tok.unsqueeze(-1), top.unsqueeze(-1))
             out_tok[a:b] = tok
-            conf[a:b] = p.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-            s, lp, w = slots[a:b], log_p[: b - a], work[: b - a]
+            lp, w = log_p[:k], work[:k]
             torch.log(torch.add(p, EPS, out=lp), out=lp)
-            torch.index_select(store, 0, s, out=w)
-            torch.sub(lp, w, out=w)
+            if in_run:
+                prev = store[slots_h[a]:slots_h[a] + k]
+            else:
+                prev = torch.index_select(store, 0, slots[a:b], out=w)
+            torch.sub(lp, prev, out=w)
             kl[a:b] = w.mul_(p).sum(-1)  # sum(p * (log(p + eps) - log(p_prev + eps)))
-            store.index_copy_(0, s, lp)  # this step's distribution is the next step's p_prev
+            if in_run:  # this step's distribution is the next step's p_prev
+                prev.copy_(lp)
+            else:
+                store.index_copy_(0, slots[a:b], lp)
+        if low_precision_tokens:  # near-ties (rare): the softmax in the logits' dtype decides, as upstream's
+            redo = near.nonzero().squeeze(-1)
+            if len(redo):
+                chunk = logits[redo] if logits.dim() == 2 else logits[rows[redo], read[redo]]
+                tok = torch.softmax(chunk, dim=-1).max(-1).indices
+                out_tok[redo] = tok
+                conf[redo] = torch.softmax(chunk.to(torch.float64), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
         h = self.history
         h[rows, pos] = torch.cat([h[rows, pos, 1:], kl.unsqueeze(-1)], dim=-1)
-        if low_precision_tokens:
-            return out_tok, conf, kl, low_conf
         return out_tok, conf, kl
 
     def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):

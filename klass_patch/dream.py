@@ -21,6 +21,7 @@ from .core import (
     KlassConfig,
     StabilityTracker,
     StepRecorder,
+    low_precision_max_position,
     masks_left_warning,
     ready_mask,
     select_ready,
@@ -123,7 +124,7 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
             read = p_idx
         else:  # the model's logits at i - 1 predict position i (position 0 reads itself), as upstream's shift
             read = (p_idx - 1).clamp_(min=0)
-        tok, conf, kl, low_conf = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
+        tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok
         full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
@@ -136,15 +137,16 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
         transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
         fallback = live & ~ready.any(-1)
         if bool(fallback.any()):  # one position per such row: the argmax of upstream's sampled confidence
-            mine = fallback[r_idx]
             if gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None:
+                mine = fallback[r_idx]
                 conf_fb, _ = module.sample_tokens(logits[r_idx[mine], read[mine]], temperature=gc.temperature,
                                                   top_p=gc.top_p, top_k=gc.top_k)
-            else:  # sample_tokens would return the top probability of the plain softmax: computed above
-                conf_fb = low_conf[mine]
-            scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
-            scores[r_idx[mine], p_idx[mine]] = conf_fb
-            pick = F.one_hot(scores.argmax(-1), length).bool()
+                scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
+                scores[r_idx[mine], p_idx[mine]] = conf_fb
+                best = scores.argmax(-1)
+            else:  # sample_tokens would return the top probability of the plain softmax: known up to rounding
+                best = low_precision_max_position(logits, r_idx, read, full_conf, mask_index & fallback.unsqueeze(-1))
+            pick = F.one_hot(best, length).bool()
             transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
         if recorder is not None:
             recorder.add(i, mask_index, x0, full_conf, full_kl, transfer)
