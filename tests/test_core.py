@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from klass_patch.core import EPS, KlassConfig, StabilityTracker, select_ready, write_steps_jsonl
+from klass_patch.core import (EPS, KlassConfig, StabilityTracker, low_precision_max_position, select_ready,
+                              write_steps_jsonl)
 
 
 def dense_kl(logits, p_prev):
@@ -38,6 +39,47 @@ def test_tracker_matches_the_dense_reference_over_a_ring_window():
     first = StabilityTracker(1, 3, 0, 3, 1, "cpu").update(torch.zeros(3, 10), torch.zeros(3, dtype=torch.long),
                                                              torch.arange(3))[2]
     assert torch.allclose(first, torch.full((3,), math.log(1 / EPS) - math.log(10), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_tokens_are_upstreams_argmax_near_ties_included(dtype):
+    """Dream's token is the argmax of the softmax in the logits' dtype: rounding can tie two probabilities,
+    and then the first index wins, although the float64 argmax is the other one."""
+    length, vocab = 8, 300
+    logits = torch.full((1, length, vocab), -30.0, dtype=dtype)
+    base = torch.tensor(0.25, dtype=dtype)
+    ulp = torch.finfo(dtype).eps * 0.25
+    for i in range(length):  # index 9 above index 7 by i ulps (0: an exact tie)
+        logits[0, i, 7] = base
+        logits[0, i, 9] = (base.float() + i * ulp).to(dtype)
+    r, pos = torch.zeros(length, dtype=torch.long), torch.arange(length)
+    tok, conf, _ = StabilityTracker(1, length, 0, length, 2, "cpu").update(logits, r, pos, low_precision_tokens=True)
+    expected = torch.softmax(logits[0], dim=-1).max(-1).indices
+    assert 7 in expected[1:].tolist() and 9 in expected.tolist()  # the cases happen: ties lost, ties won
+    assert torch.equal(tok, expected)
+    p64 = torch.softmax(logits[0].to(torch.float64), dim=-1)
+    assert torch.equal(conf, p64.gather(-1, expected.unsqueeze(-1)).squeeze(-1))
+
+
+def test_fallback_position_is_upstreams_argmax_over_low_precision_confidence():
+    """Dream's fallback position: argmax over positions of the bfloat16 top probability, where confidences
+    just below 1 round to the same value and the first such position wins."""
+    torch.manual_seed(1)
+    rows, length, vocab = 3, 10, 200
+    logits = torch.zeros(rows, length, vocab)
+    logits[..., 0] = 10 + torch.rand(rows, length) * 0.2
+    logits[1, :5, 0] = 2.0  # row 1: positions 5.. only are confident
+    logits = logits.to(torch.bfloat16)
+    cand = torch.ones(rows, length, dtype=torch.bool)
+    cand[0, :3] = False
+    r, pos = cand.nonzero(as_tuple=True)
+    conf64 = torch.full((rows, length), -math.inf, dtype=torch.float64)
+    conf64[r, pos] = torch.softmax(logits[r, pos].to(torch.float64), -1).amax(-1)
+    pick = low_precision_max_position(logits, r, pos, conf64, cand)
+    low = torch.full((rows, length), -math.inf)
+    low[r, pos] = torch.softmax(logits[r, pos], -1).amax(-1).float()
+    assert not torch.equal(conf64.argmax(-1), low.argmax(-1))  # float64 alone would pick differently
+    assert torch.equal(pick, low.argmax(-1))
 
 
 def test_strategies_pick_like_the_reference():
