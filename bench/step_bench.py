@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import klass_patch  # noqa: E402
+from klass_patch import cli  # noqa: E402
 from klass_patch.toy import dream_generation, llada_generate  # noqa: E402
 
 VOCAB = {"llada": 126464, "dream": 152064}
 MASK = {"llada": 126336, "dream": 151666}
-PAPER = {"llada": dict(conf_threshold=0.6, kl_threshold=0.015, kl_history_length=2),
-         "dream": dict(conf_threshold=0.9, kl_threshold=0.001, kl_history_length=2)}
+PAPER = cli.PAPER  # the authors' GSM8K settings
 
 
 WARMUP = 2  # forwards not timed

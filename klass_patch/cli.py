@@ -21,11 +21,10 @@ import torch
 
 from .evaluation.cli import add_subcommands as add_eval_commands
 from .evaluation.cli import dispatch as dispatch_eval
+from .evaluation.settings import HISTORY_LENGTH, KLASS_DEFAULTS
 
-PAPER = {  # the authors' GSM8K settings
-    "llada": dict(conf_threshold=0.6, kl_threshold=0.015, kl_history_length=2),
-    "dream": dict(conf_threshold=0.9, kl_threshold=0.001, kl_history_length=2),
-}
+PAPER = {family: dict(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH)  # GSM8K
+         for (family, dataset), (conf, kl) in KLASS_DEFAULTS.items() if dataset == "gsm8k"}
 
 
 def _row(name, out, expected, seconds):

@@ -109,18 +109,21 @@ def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
         )
 
 
+KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)  # the keyword arguments KLASS adds
+
+
 def _log_eps(device) -> torch.Tensor:
     # log(0 + 1e-12) computed exactly as the reference does for p_prev = 0.
     return torch.log(torch.zeros((), dtype=torch.float64, device=device) + EPS)
 
 
-def low_precision_max_position(logits, rows, read, conf64, candidates):
+def low_precision_max_position(logits, read_at, conf64, candidates):
     """Per row of ``candidates`` ([rows, length]), the position whose top probability in the logits' own
     dtype is largest (first on ties), as upstream's ``softmax(...).max()`` then ``argmax`` over positions
     picks it. ``conf64`` ([rows, length], float64, -inf off candidates) decides unless another candidate
     of the row is within a relative 1e-3 (or 8 ulps of the dtype) of the row's best; those few positions
-    are then computed in the logits' dtype. ``rows``/``read``: row and logits position of each candidate,
-    in ``candidates.nonzero()`` order."""
+    are then computed in the logits' dtype. ``read_at`` ([length]): where in ``logits`` each position's
+    prediction is."""
     best = conf64.max(-1, keepdim=True).values
     rtol = max(1e-3, 8 * torch.finfo(logits.dtype).eps)
     close = candidates & (conf64 >= best * (1 - rtol))
@@ -128,10 +131,7 @@ def low_precision_max_position(logits, rows, read, conf64, candidates):
     tied = close.sum(-1) > 1
     if bool(tied.any()):
         r_c, p_c = (close & tied.unsqueeze(-1)).nonzero(as_tuple=True)
-        index = torch.full(candidates.shape, -1, dtype=torch.long, device=candidates.device)
-        index[candidates] = torch.arange(int(candidates.sum()), device=candidates.device)
-        k = index[r_c, p_c]
-        exact = torch.softmax(logits[rows[k], read[k]], dim=-1).max(-1).values
+        exact = torch.softmax(logits[r_c, read_at[p_c]], dim=-1).max(-1).values
         scores = torch.full(candidates.shape, -math.inf, dtype=exact.dtype, device=candidates.device)
         scores[r_c, p_c] = exact
         pick = torch.where(tied, scores.argmax(-1), pick)
@@ -189,7 +189,7 @@ class StabilityTracker:
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
         read = pos if read_pos is None else read_pos
-        rows_h, read_h, slots_h = rows.tolist(), read.tolist(), slots.tolist()
+        rows_h, read_h, slots_h = torch.stack((rows, read, slots)).tolist()  # one transfer
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .core import (
     GenerateOutput,
+    KLASS_PARAMS,
     KlassConfig,
     StabilityTracker,
     StepRecorder,
@@ -27,7 +28,6 @@ from .core import (
     select_ready,
 )
 
-KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)
 # Options of the current diffusion_generate call, read by the patched _sample it calls.
 _CALL = contextvars.ContextVar("klass_patch_dream_call", default=None)
 
@@ -110,6 +110,11 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
     start = int(masked[0]) if len(masked) else 0
     tracker = StabilityTracker(rows, length, start, length - start, config.kl_history_length, x.device)
     used = torch.zeros(rows, dtype=torch.long, device=x.device)
+    # where each position's prediction is read: the model's logits at i - 1 predict position i (position 0
+    # reads itself), as upstream's shift; with user hooks the logits are shifted by copy, as upstream does
+    read_at = torch.arange(length, device=x.device)
+    if not hooks_given:
+        read_at = (read_at - 1).clamp_(min=0)
     for i in range(steps):
         mask_index = x == mask_id
         live = mask_index.any(-1)
@@ -121,9 +126,7 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
         if hooks_given:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
             logits = logits_hook(i, x, logits)
-            read = p_idx
-        else:  # the model's logits at i - 1 predict position i (position 0 reads itself), as upstream's shift
-            read = (p_idx - 1).clamp_(min=0)
+        read = read_at[p_idx]
         tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok
@@ -145,7 +148,7 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
                 scores[r_idx[mine], p_idx[mine]] = conf_fb
                 best = scores.argmax(-1)
             else:  # sample_tokens would return the top probability of the plain softmax: known up to rounding
-                best = low_precision_max_position(logits, r_idx, read, full_conf, mask_index & fallback.unsqueeze(-1))
+                best = low_precision_max_position(logits, read_at, full_conf, mask_index & fallback.unsqueeze(-1))
             pick = F.one_hot(best, length).bool()
             transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
         if recorder is not None:

@@ -18,16 +18,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import difflib
-import hashlib
 import json
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
+from .files import atomic_write
 from .versions import KNOWN, UpstreamVersion, normalized_sha256, sha256
 
 try:
@@ -331,22 +330,6 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write a temporary file in the same folder, fsync it, then rename it over ``path`` (or its link)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".klass-tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_symlink(path: Path, link: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.klass-tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -401,9 +384,9 @@ def install(target: Target, dry_run: bool = False, catalog: Optional[Catalog] = 
         if normalized_sha256(new) != expected:
             raise InstallError(f"{target.path}: the {st.version} diff gave an unexpected result "
                                f"(sha256 {normalized_sha256(new)}, expected {expected}); nothing was written")
-        shown = "".join(difflib.unified_diff(_lines(original.decode()), _lines(new.decode()),
-                                             str(target.path), f"{target.path} (patched)", n=2))
         if dry_run:
+            shown = "".join(difflib.unified_diff(_lines(original.decode()), _lines(new.decode()),
+                                                 str(target.path), f"{target.path} (patched)", n=2))
             return Result(target, "would install", st.version, diff=shown)
         _writable(target.path)
         link = os.readlink(target.path) if target.path.is_symlink() else None
@@ -412,12 +395,12 @@ def install(target: Target, dry_run: bool = False, catalog: Optional[Catalog] = 
         if link is not None:  # a hub snapshot: the backup is the same link; the blob is never written
             _atomic_symlink(backup, link)
         else:
-            _atomic_write(backup, original, mode)
-        _atomic_write(target.path, new, mode)
+            atomic_write(backup, original, mode)
+        atomic_write(target.path, new, mode)
         record = dict(tool="klass-patch", family=target.family, upstream=st.version, original_sha256=sha256(original),
                       patched_sha256=sha256(new), backup=backup.name, symlink=link,
                       installed_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        _atomic_write(_sidecar(target.path, RECORD), (json.dumps(record, indent=1) + "\n").encode(), 0o644)
+        atomic_write(_sidecar(target.path, RECORD), (json.dumps(record, indent=1) + "\n").encode(), 0o644)
     notes = [f"backup: {backup}"] + _refresh_copies(target, original, env)
     return Result(target, "installed", st.version, notes=notes)
 

@@ -28,7 +28,6 @@ from .core import (
 
 EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to
 ALGS = (None, "default", "klass")
-KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)
 REQUIRED_PARAMS = ("model", "prompt", "steps", "gen_length", "block_length", "temperature", "cfg_scale",
                    "remasking", "mask_id")
 

@@ -129,16 +129,22 @@ def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
             warnings.warn(f"klass_patch: {module.__name__} ({path}) is {version} of {family}, not one of "
                           f"{', '.join(known_ids(family))}; its interface matches, so it is patched.",
                           UnknownUpstreamWarning, stacklevel=3)
-        saved = []
-        for owner, name, wrapper in target.attributes(module):
-            current = owner.__dict__[name]
-            if isinstance(current, _KlassWrapper):  # already patched (e.g. a reloaded module's class)
-                continue
-            saved.append((owner, name, current))
-            setattr(owner, name, _KlassWrapper(current, wrapper))
+        saved = _wrap(target, module)
         info = PatchInfo(module.__name__, family, version, str(path) if path else None)
         _patched[id(module)] = (module, info, saved)
         return info
+
+
+def _wrap(target: _Target, module) -> List[tuple]:
+    """Wrap the target's objects of ``module``; returns ``(owner, name, original)`` of those it wrapped."""
+    saved = []
+    for owner, name, wrapper in target.attributes(module):
+        current = owner.__dict__[name]
+        if isinstance(current, _KlassWrapper):  # already patched (e.g. a reloaded module's class)
+            continue
+        saved.append((owner, name, current))
+        setattr(owner, name, _KlassWrapper(current, wrapper))
+    return saved
 
 
 def _after_exec(wrapped, instance, args, kwargs):
@@ -224,9 +230,7 @@ def patch_installed(namespace: dict, family: str, version: str) -> None:
     if missing:
         raise IncompatibleUpstreamError(f"klass_patch: {name} ({version}) lacks {', '.join(missing)}")
     target.gate()
-    for owner, attr, wrapper in target.attributes(module):
-        if not isinstance(owner.__dict__[attr], _KlassWrapper):
-            setattr(owner, attr, _KlassWrapper(owner.__dict__[attr], wrapper))
+    _wrap(target, module)
 
 
 def revert() -> None:

@@ -75,7 +75,7 @@ def test_fallback_position_is_upstreams_argmax_over_low_precision_confidence():
     r, pos = cand.nonzero(as_tuple=True)
     conf64 = torch.full((rows, length), -math.inf, dtype=torch.float64)
     conf64[r, pos] = torch.softmax(logits[r, pos].to(torch.float64), -1).amax(-1)
-    pick = low_precision_max_position(logits, r, pos, conf64, cand)
+    pick = low_precision_max_position(logits, torch.arange(length), conf64, cand)
     low = torch.full((rows, length), -math.inf)
     low[r, pos] = torch.softmax(logits[r, pos], -1).amax(-1).float()
     assert not torch.equal(conf64.argmax(-1), low.argmax(-1))  # float64 alone would pick differently

@@ -1,10 +1,7 @@
 """The file installer's mechanics, on stand-in "upstream" files with their own fingerprints and diffs."""
 import concurrent.futures
-import json
 import multiprocessing
 import os
-import shutil
-import stat
 import sys
 import threading
 from pathlib import Path
@@ -14,7 +11,7 @@ import torch
 
 from conftest import FILENAME, STANDIN, load_file, standin_catalog
 from klass_patch import cli, installer
-from klass_patch.installer import BACKUP, RECORD, InstallError, Target
+from klass_patch.installer import BACKUP, InstallError, Target
 from klass_patch.toy.models import ToyDenoiser, dream_model
 from klass_patch.versions import KNOWN, sha256
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..files import atomic_write
 from .data import Example, messages
 from .execution import humaneval_program, mbpp_program, run_program
 from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
@@ -52,20 +52,8 @@ def refuse_code_execution(dataset: str, allow: bool) -> None:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (temporary file in the same folder, then a rename)."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def load_results(path, log=print) -> dict:
@@ -83,10 +71,7 @@ def load_results(path, log=print) -> dict:
             dropped += line.strip() != ""
     if dropped or (text and not text.endswith("\n")):
         log(f"{path}: dropped {dropped} incomplete line(s) left by an interrupted run")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in done.values())
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in done.values()).encode("utf-8"))
     return done
 
 

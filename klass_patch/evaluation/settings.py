@@ -11,7 +11,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from ..core import KlassConfig
+from ..core import KLASS_PARAMS, KlassConfig
 
 FAMILIES = ("llada", "dream")
 DATASETS = ("gsm8k", "math500", "humaneval", "mbpp")
@@ -29,13 +29,13 @@ FAMILY_DEFAULTS = {
 }
 # (conf_threshold, kl_threshold) of scripts/<family>_<dataset>.sh; HISTORY_LENGTH=2 and
 # UNMASK_STRATEGY="all" in every script.
+HISTORY_LENGTH = 2
 KLASS_DEFAULTS = {
     ("llada", "gsm8k"): (0.6, 0.015), ("llada", "math500"): (0.6, 0.01),
     ("llada", "humaneval"): (0.9, 0.01), ("llada", "mbpp"): (0.7, 0.01),
     ("dream", "gsm8k"): (0.9, 0.001), ("dream", "math500"): (0.9, 0.005),
     ("dream", "humaneval"): (0.8, 0.001), ("dream", "mbpp"): (0.9, 0.001),
 }
-KLASS_PARAMS = ("conf_threshold", "kl_threshold", "kl_history_length", "unmask_strategy")
 FLAG = {f: "--" + f.replace("_", "-") for f in (
     "alg", "gen_length", "steps", "block_length", "temperature", "top_p", "conf_threshold", "kl_threshold",
     "kl_history_length", "unmask_strategy", "batch_size", "seed", "timeout", "mask_id")}
@@ -124,7 +124,7 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
     values = dict(FAMILY_DEFAULTS[family], alg=alg)
     if alg == "klass":
         conf, kl = KLASS_DEFAULTS[(family, dataset)]
-        values.update(conf_threshold=conf, kl_threshold=kl, kl_history_length=2, unmask_strategy="all")
+        values.update(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH, unmask_strategy="all")
     else:
         values.update({p: None for p in KLASS_PARAMS})
     values.update(given)
