@@ -44,6 +44,7 @@ EPS = 1e-12
 STRATEGIES = ("all", "max_conf", "min_kl")
 # Positions processed together in the float64 work: keeps its temporaries (CHUNK x vocab) in cache.
 CHUNK = 4
+BLOCK = 128  # block size of first_max
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,44 @@ def low_precision_max_position(logits, read_at, conf64, candidates):
     return pick
 
 
+def first_max(p: torch.Tensor):
+    """``p.max(-1)`` of a ``[n, V]`` tensor (value and first index of the maximum), in two cheap passes:
+    the maximum of blocks of ``BLOCK`` entries, then the first maximum inside the first block holding it
+    (torch's indexed max over long rows is several times slower than a plain maximum)."""
+    n, v = p.shape
+    if v % BLOCK or v < 8 * BLOCK:
+        return p.max(-1)
+    blocks = p.view(n, v // BLOCK, BLOCK)
+    top, block = blocks.amax(-1).max(-1)
+    inner = blocks[torch.arange(n, device=p.device), block].argmax(-1)
+    return top, block * BLOCK + inner
+
+
+def _chunks(rows_h, read_h, slots_h, dense):
+    """Split entries ``0..n`` into ranges ``(a, b, run)`` of at most ``CHUNK`` entries. A run (2 or more
+    entries of one row at consecutive read positions and consecutive slots) is read and written through
+    views; isolated entries are grouped and gathered."""
+    n, i, out = len(slots_h), 0, []
+    def run_end(i):
+        j = i + 1
+        while (j < n and j - i < CHUNK and slots_h[j] == slots_h[j - 1] + 1
+               and (dense or (rows_h[j] == rows_h[i] and read_h[j] == read_h[j - 1] + 1))):
+            j += 1
+        return j
+    while i < n:
+        j = run_end(i)
+        if j - i > 1:
+            out.append((i, j, True))
+            i = j
+            continue
+        j = i + 1  # isolated: gather it with the isolated entries that follow
+        while j < n and j - i < CHUNK and run_end(j) == j + 1:
+            j += 1
+        out.append((i, j, False))
+        i = j
+    return out
+
+
 class StabilityTracker:
     """KL divergence between consecutive steps and its history, for a ``[rows, length]`` grid of positions.
 
@@ -160,7 +199,7 @@ class StabilityTracker:
         if self._log_prev is None or self._log_prev.shape[-1] != vocab:
             self._log_prev = _log_eps(self.device).expand(self.rows * self.width, vocab).clone()
             # scratch space for one chunk, reused at every step (no large allocation per step)
-            self._scratch = torch.empty((2, CHUNK, vocab), dtype=torch.float64, device=self.device)
+            self._scratch = torch.empty((3, CHUNK, vocab), dtype=torch.float64, device=self.device)
         return self._log_prev
 
     @staticmethod
@@ -195,40 +234,37 @@ class StabilityTracker:
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
         near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
-        log_p, work = self._scratch[0], self._scratch[1]
-        for a in range(0, n, CHUNK):
-            b = min(a + CHUNK, n)
+        dense = logits.dim() == 2
+        for a, b, run in _chunks(rows_h, read_h, slots_h, dense):
             k = b - a
-            in_run = slots_h[a:b] == list(range(slots_h[a], slots_h[a] + k))  # consecutive slots of the store
-            if logits.dim() == 2:
+            if dense:
                 chunk = logits[a:b]
-            elif rows_h[a] == rows_h[b - 1] and read_h[a:b] == list(range(read_h[a], read_h[a] + k)):
+            elif run:
                 chunk = logits[rows_h[a], read_h[a]:read_h[a] + k]
             else:
                 chunk = logits[rows[a:b], read[a:b]]
-            p = torch.softmax(chunk.to(torch.float64), dim=-1)
+            p, lp, w = self._scratch[0, :k], self._scratch[1, :k], self._scratch[2, :k]
+            torch.softmax(p.copy_(chunk), dim=-1, out=p)  # softmax(logits.double()), in place
             if tokens is not None:
                 tok = tokens[a:b]
-                conf[a:b] = p.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+                torch.gather(p, -1, tok.unsqueeze(-1), out=conf[a:b].unsqueeze(-1))
             else:
-                top, tok = p.max(-1)
+                top, tok = first_max(p)
                 conf[a:b] = top
                 if low_precision_tokens:  # second largest probability: blank the top, take the max, put it back
                     p.scatter_(-1, tok.unsqueeze(-1), -1.0)
-                    near[a:b] = p.amax(-1) >= top * near_ratio
+                    torch.ge(p.amax(-1), top * near_ratio, out=near[a:b])
                     p.scatter_(-1, tok.unsqueeze(-1), top.unsqueeze(-1))
             out_tok[a:b] = tok
-            lp, w = log_p[:k], work[:k]
             torch.log(torch.add(p, EPS, out=lp), out=lp)
-            if in_run:
+            # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
+            if run:  # in place in the store, which then takes this step's values
                 prev = store[slots_h[a]:slots_h[a] + k]
-            else:
-                prev = torch.index_select(store, 0, slots[a:b], out=w)
-            torch.sub(lp, prev, out=w)
-            kl[a:b] = w.mul_(p).sum(-1)  # sum(p * (log(p + eps) - log(p_prev + eps)))
-            if in_run:  # this step's distribution is the next step's p_prev
+                torch.sum(torch.sub(lp, prev, out=prev).mul_(p), -1, out=kl[a:b])
                 prev.copy_(lp)
             else:
+                prev = torch.index_select(store, 0, slots[a:b], out=w)
+                torch.sum(torch.sub(lp, prev, out=w).mul_(p), -1, out=kl[a:b])
                 store.index_copy_(0, slots[a:b], lp)
         if low_precision_tokens:  # near-ties (rare): the softmax in the logits' dtype decides, as upstream's
             redo = near.nonzero().squeeze(-1)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from klass_patch.core import (EPS, KlassConfig, StabilityTracker, low_precision_max_position, select_ready,
-                              write_steps_jsonl)
+from klass_patch.core import (BLOCK, EPS, KlassConfig, StabilityTracker, first_max, low_precision_max_position,
+                              select_ready, write_steps_jsonl)
 
 
 def dense_kl(logits, p_prev):
@@ -39,6 +39,54 @@ def test_tracker_matches_the_dense_reference_over_a_ring_window():
     first = StabilityTracker(1, 3, 0, 3, 1, "cpu").update(torch.zeros(3, 10), torch.zeros(3, dtype=torch.long),
                                                              torch.arange(3))[2]
     assert torch.allclose(first, torch.full((3,), math.log(1 / EPS) - math.log(10), dtype=torch.float64))
+
+
+def test_tracker_reads_scattered_positions_of_the_whole_output():
+    """Positions in runs (read through views), isolated ones (gathered), runs across rows and a ring that
+    wraps, read at a shifted position, with a vocabulary long enough for the blocked maximum: every value
+    equals the dense computation, ties at the top included."""
+    torch.manual_seed(2)
+    rows, length, start, width, vocab = 3, 40, 6, 12, 16 * BLOCK
+    tracker = StabilityTracker(rows, length, start, width, 2, "cpu")
+    p_prev = torch.zeros(rows, length, vocab, dtype=torch.float64)
+    for step in range(5):
+        logits = torch.randn(rows, length, vocab) * 3
+        logits[0, :, 3 * BLOCK + 5] = logits[0, :, 9 * BLOCK + 1] = logits[0].amax(-1) + 1  # tie across blocks
+        logits[1, :, 7] = logits[1, :, 100] = logits[1].amax(-1) + 1  # tie inside a block
+        cand = torch.rand(rows, length) < 0.6
+        lo = start + 4 * step  # a window of `width` positions that moves right, so slots wrap around
+        cand[:, :lo] = False
+        cand[:, lo + width:] = False
+        cand[2, lo:lo + 6] = True  # one long run
+        r, pos = cand.nonzero(as_tuple=True)
+        read = pos - 1
+        shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # shifted[:, i] = logits[:, i - 1]
+        tok, conf, kl = tracker.update(logits, r, pos, read_pos=read)
+        p, ref_kl = dense_kl(shifted, p_prev)
+        top = p.max(-1)
+        assert torch.equal(tok, top.indices[r, pos]) and torch.equal(conf, top.values[r, pos])
+        assert torch.equal(kl, ref_kl[r, pos])
+        # untracked positions keep their old distribution; those entering the window next step (in the slots
+        # of those leaving it) get this step's, as LLaDA does for its next block
+        nxt = torch.arange(lo + width, lo + width + 4).repeat(rows)
+        r_nxt = torch.arange(rows).repeat_interleave(4)
+        tracker.remember(shifted[r_nxt, nxt], r_nxt, nxt)
+        entering = torch.zeros_like(cand)
+        entering[:, lo + width:lo + width + 4] = True
+        p_prev = torch.where((cand | entering).unsqueeze(-1), p, p_prev)
+    assert {3 * BLOCK + 5, 7}.issubset(set(tok.tolist()))
+
+
+def test_first_max_is_torchs_max_with_the_first_index_on_ties():
+    torch.manual_seed(3)
+    p = torch.rand(6, 16 * BLOCK, dtype=torch.float64)
+    p[0, [5, 3 * BLOCK, 9 * BLOCK + 2]] = 2.0  # ties in different blocks
+    p[1, [BLOCK + 1, BLOCK + 7]] = 2.0  # ties in one block
+    p[2, -1] = 2.0  # last entry
+    p[3] = 1.0  # all equal
+    for q in (p, p[:, : 16 * BLOCK - 3], p.float()):  # blocked path, plain path (length not a multiple), float32
+        assert all(torch.equal(a, b) for a, b in zip(first_max(q), q.max(-1)))
+    assert first_max(p)[1][:4].tolist() == [5, BLOCK + 1, 16 * BLOCK - 1, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
