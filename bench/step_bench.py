@@ -7,8 +7,10 @@ A stub model writes fixed random logits into its output buffer at every forward 
 writes into the same cached block each time), at L = 128 + 256 and the real vocabulary sizes. The
 rows of a batch are copies of the batch-1 input, so batch 8 has exactly 8 times batch 1's work.
 
-- Step time: median wall time between consecutive forwards (stub forward included), over ``--steps``
-  forwards after the first two; the fastest of ``--repeat`` runs, each in a fresh process.
+- Step time: wall time between consecutive forwards (stub forward included), for ``--steps`` forwards
+  after the first two, in each of ``--repeat`` runs, each in a fresh process; the median over all those
+  steps. The runs of every configuration (upstream and KLASS, batch 1 and 8) take turns, so that a
+  shared machine's slow and fast spells fall on all of them alike.
 - Peak memory: peak RSS of the run's process; a sampler's extra memory is its peak minus that of
   upstream's default run. "authors' layout" adds to upstream's step the reference's dense state: float64
   p_prev and p over the whole sequence and vocabulary, and its KL, computed as the authors' sampler does
@@ -68,9 +70,8 @@ class StubModel:
             p = F.softmax(out.to(torch.float64), dim=-1)
             if self.p_prev is None:
                 self.p_prev = torch.zeros_like(p)
-            kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
+            self.kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
             self.p_prev = p.clone()
-            del kl
         return type("Out", (), {"logits": out})()
 
 
@@ -120,10 +121,14 @@ def run(family, method, rows, limit, prompt_len=128, gen_length=256):
     return model
 
 
-def step_seconds(stamps, warmup):
-    """Median time between consecutive forwards after ``warmup`` (robust to the odd slow step)."""
-    gaps = sorted(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
-    return gaps[len(gaps) // 2]
+def step_gaps(stamps, warmup):
+    """Times between consecutive forwards after ``warmup``."""
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def forward_seconds(family, rows, repeat=5):
@@ -138,11 +143,12 @@ def forward_seconds(family, rows, repeat=5):
 
 def child(family, what, rows, limit):
     """Run one measurement in a fresh process (memory freed between runs; peak RSS is this run's alone).
-    Returns (seconds per step, or per forward for ``what == "forward"``; peak RSS in bytes)."""
+    Returns (seconds per step of each timed step, or of each forward for ``what == "forward"``; peak RSS
+    in bytes)."""
     code = (f"import sys, json, resource; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
             "import torch; torch.set_grad_enabled(False); "
             f"t = b.forward_seconds({family!r}, {rows}) if {what!r} == 'forward' else "
-            f"b.step_seconds(b.run({family!r}, {what!r}, {rows}, {limit}).stamps, {WARMUP}); "
+            f"b.step_gaps(b.run({family!r}, {what!r}, {rows}, {limit}).stamps, {WARMUP}); "
             "print(json.dumps([t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
@@ -150,9 +156,17 @@ def child(family, what, rows, limit):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best(family, what, rows, limit, repeat):
-    """The fastest of ``repeat`` fresh-process runs (a shared machine only ever adds time), and its peak RSS."""
-    return min(child(family, what, rows, limit) for _ in range(max(1, repeat)))
+def measure(family, batches, limit, repeat):
+    """Every configuration ``repeat`` times, taking turns; per configuration the pooled step times and the
+    smallest peak RSS."""
+    configs = [(what, rows) for rows in batches for what in ("forward", "upstream", "klass")]
+    times, peaks = {c: [] for c in configs}, {c: [] for c in configs}
+    for _ in range(max(1, repeat)):
+        for what, rows in configs:
+            t, peak = child(family, what, rows, limit)
+            times[(what, rows)] += t if isinstance(t, list) else [t]
+            peaks[(what, rows)].append(peak)
+    return {c: (median(times[c]), min(peaks[c])) for c in configs}
 
 
 def main():
@@ -160,7 +174,7 @@ def main():
     parser.add_argument("--family", nargs="+", default=["llada", "dream"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, taking turns")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
@@ -170,16 +184,16 @@ def main():
           f"{torch.get_num_threads()} threads, L = 128 + 256")
     results = {}
     for family in args.family:
+        m = measure(family, args.batch, limit, args.repeat)
         for rows in args.batch:
-            fwd, _ = best(family, "forward", rows, limit, args.repeat)
-            runs = [child(family, what, rows, limit) for _ in range(max(1, args.repeat)) for what in ("upstream", "klass")]
-            (up, up_mem), (kl, kl_mem) = min(runs[0::2]), min(runs[1::2])  # interleaved: same conditions
+            (fwd, _), (up, up_mem), (kl, kl_mem) = (m[(what, rows)] for what in ("forward", "upstream", "klass"))
             results[(family, rows)] = dict(forward=fwd, upstream=up, klass=kl, upstream_peak=up_mem, klass_peak=kl_mem)
             print(f"{family:<6} batch {rows}: stub forward {fwd * 1e3:8.1f} ms | upstream step {up * 1e3:8.1f} ms | "
                   f"KLASS step {kl * 1e3:8.1f} ms | KLASS / upstream = {kl / up:.2f} (target <= 1 at batch 1)")
         if 1 in args.batch and 8 in args.batch:
-            r1, r8 = results[(family, 1)]["klass"], results[(family, 8)]["klass"]
-            print(f"{family:<6} KLASS batch 8 step / batch 1 step = {r8 / r1:.2f} (target < 8)")
+            r1, r8 = results[(family, 1)], results[(family, 8)]
+            print(f"{family:<6} KLASS batch 8 step / batch 1 step = {r8['klass'] / r1['klass']:.2f} (target < 8); "
+                  f"upstream: {r8['upstream'] / r1['upstream']:.2f}; stub forward: {r8['forward'] / r1['forward']:.2f}")
         if not args.no_memory and 1 in args.batch:
             base, ours = results[(family, 1)]["upstream_peak"], results[(family, 1)]["klass_peak"] - \
                 results[(family, 1)]["upstream_peak"]

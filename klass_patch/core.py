@@ -42,8 +42,11 @@ __all__ = [
 
 EPS = 1e-12
 STRATEGIES = ("all", "max_conf", "min_kl")
-# Positions processed together in the float64 work: keeps its temporaries (CHUNK x vocab) in cache.
+# Positions processed together in the float64 work. On a CPU a few, so that the temporaries (CHUNK x
+# vocab) stay in cache; on an accelerator as many as fit in CHUNK_BYTES per temporary, so that a step
+# launches a few kernels per chunk rather than per handful of positions.
 CHUNK = 4
+CHUNK_BYTES = 64 * 2**20
 BLOCK = 128  # block size of first_max
 
 
@@ -152,17 +155,35 @@ def first_max(p: torch.Tensor):
     return top, block * BLOCK + inner
 
 
-def _chunks(rows_h, read_h, slots_h, dense):
-    """Split entries ``0..n`` into ranges ``(a, b, run)`` of at most ``CHUNK`` entries. A run (2 or more
-    entries of one row at consecutive read positions and consecutive slots) is read and written through
-    views; isolated entries are grouped and gathered."""
-    n, i, out = len(slots_h), 0, []
+def chunk_policy(device: torch.device, vocab: int):
+    """``(size, split_runs)``: at most ``size`` positions per chunk; ``split_runs``: cut chunks where runs
+    of consecutive positions end, so that runs are read through views (worth it on a CPU, where a gather
+    is a pass over memory; elsewhere fixed ranges, gathered unless they happen to be one run)."""
+    if device.type == "cpu":
+        return CHUNK, True
+    return max(CHUNK, CHUNK_BYTES // (8 * vocab)), False
+
+
+def _chunks(rows_h, read_h, slots_h, dense, size, split_runs):
+    """Split entries ``0..n`` into ranges ``(a, b, run)`` of at most ``size`` entries. A run (entries of one
+    row at consecutive read positions and consecutive slots) is read and written through views; other
+    ranges are gathered. With ``split_runs``, runs of 2 or more get ranges of their own and isolated
+    entries are grouped."""
+    n = len(slots_h)
+
+    def follows(j, i):  # entry j continues the run that starts at entry i
+        return slots_h[j] == slots_h[j - 1] + 1 and (
+            dense or (rows_h[j] == rows_h[i] and read_h[j] == read_h[j - 1] + 1))
+
     def run_end(i):
         j = i + 1
-        while (j < n and j - i < CHUNK and slots_h[j] == slots_h[j - 1] + 1
-               and (dense or (rows_h[j] == rows_h[i] and read_h[j] == read_h[j - 1] + 1))):
+        while j < n and j - i < size and follows(j, i):
             j += 1
         return j
+
+    if not split_runs:
+        return [(a, min(a + size, n), run_end(a) == min(a + size, n)) for a in range(0, n, size)]
+    i, out = 0, []
     while i < n:
         j = run_end(i)
         if j - i > 1:
@@ -170,7 +191,7 @@ def _chunks(rows_h, read_h, slots_h, dense):
             i = j
             continue
         j = i + 1  # isolated: gather it with the isolated entries that follow
-        while j < n and j - i < CHUNK and run_end(j) == j + 1:
+        while j < n and j - i < size and run_end(j) == j + 1:
             j += 1
         out.append((i, j, False))
         i = j
@@ -199,7 +220,8 @@ class StabilityTracker:
         if self._log_prev is None or self._log_prev.shape[-1] != vocab:
             self._log_prev = _log_eps(self.device).expand(self.rows * self.width, vocab).clone()
             # scratch space for one chunk, reused at every step (no large allocation per step)
-            self._scratch = torch.empty((3, CHUNK, vocab), dtype=torch.float64, device=self.device)
+            self._chunk = chunk_policy(self.device, vocab)
+            self._scratch = torch.empty((3, self._chunk[0], vocab), dtype=torch.float64, device=self.device)
         return self._log_prev
 
     @staticmethod
@@ -235,7 +257,7 @@ class StabilityTracker:
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
         near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
         dense = logits.dim() == 2
-        for a, b, run in _chunks(rows_h, read_h, slots_h, dense):
+        for a, b, run in _chunks(rows_h, read_h, slots_h, dense, *self._chunk):
             k = b - a
             if dense:
                 chunk = logits[a:b]
@@ -281,8 +303,9 @@ class StabilityTracker:
         """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        for a in range(0, rows.shape[0], CHUNK):
-            b = min(a + CHUNK, rows.shape[0])
+        size = self._chunk[0]
+        for a in range(0, rows.shape[0], size):
+            b = min(a + size, rows.shape[0])
             p = torch.softmax(self._rows(logits, rows, pos, a, b).to(torch.float64), dim=-1)
             store.index_copy_(0, slots[a:b], torch.log(p + EPS))
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from klass_patch import core
 from klass_patch.core import (BLOCK, EPS, KlassConfig, StabilityTracker, first_max, low_precision_max_position,
                               select_ready, write_steps_jsonl)
 
@@ -41,10 +42,13 @@ def test_tracker_matches_the_dense_reference_over_a_ring_window():
     assert torch.allclose(first, torch.full((3,), math.log(1 / EPS) - math.log(10), dtype=torch.float64))
 
 
-def test_tracker_reads_scattered_positions_of_the_whole_output():
+@pytest.mark.parametrize("policy", [None, (3, False), (64, False)], ids=["cpu", "accelerator-3", "accelerator-64"])
+def test_tracker_reads_scattered_positions_of_the_whole_output(policy, monkeypatch):
     """Positions in runs (read through views), isolated ones (gathered), runs across rows and a ring that
     wraps, read at a shifted position, with a vocabulary long enough for the blocked maximum: every value
-    equals the dense computation, ties at the top included."""
+    equals the dense computation, ties at the top included. Also with the chunking used off the CPU."""
+    if policy is not None:
+        monkeypatch.setattr(core, "chunk_policy", lambda device, vocab: policy)
     torch.manual_seed(2)
     rows, length, start, width, vocab = 3, 40, 6, 12, 16 * BLOCK
     tracker = StabilityTracker(rows, length, start, width, 2, "cpu")
