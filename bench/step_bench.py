@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -126,24 +127,18 @@ def step_gaps(stamps, warmup):
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
 
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def forward_seconds(family, rows, repeat=5):
+    """Times of ``repeat`` stub forwards after a first one."""
     model = StubModel(family, rows, 384, 10 ** 9)
     x = torch.zeros((rows, 384), dtype=torch.long)
-    model(x)
-    t = time.perf_counter()
-    for _ in range(repeat):
+    for _ in range(repeat + 1):
         model(x)
-    return (time.perf_counter() - t) / repeat
+    return step_gaps(model.stamps + [time.perf_counter()], 1)
 
 
 def child(family, what, rows, limit):
     """Run one measurement in a fresh process (memory freed between runs; peak RSS is this run's alone).
-    Returns (seconds per step of each timed step, or of each forward for ``what == "forward"``; peak RSS
+    Returns (the seconds of each timed step, or of each stub forward for ``what == "forward"``; peak RSS
     in bytes)."""
     code = (f"import sys, json, resource; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
             "import torch; torch.set_grad_enabled(False); "
@@ -164,9 +159,9 @@ def measure(family, batches, limit, repeat):
     for _ in range(max(1, repeat)):
         for what, rows in configs:
             t, peak = child(family, what, rows, limit)
-            times[(what, rows)] += t if isinstance(t, list) else [t]
+            times[(what, rows)] += t
             peaks[(what, rows)].append(peak)
-    return {c: (median(times[c]), min(peaks[c])) for c in configs}
+    return {c: (statistics.median(times[c]), min(peaks[c])) for c in configs}
 
 
 def main():
@@ -195,8 +190,8 @@ def main():
             print(f"{family:<6} KLASS batch 8 step / batch 1 step = {r8['klass'] / r1['klass']:.2f} (target < 8); "
                   f"upstream: {r8['upstream'] / r1['upstream']:.2f}; stub forward: {r8['forward'] / r1['forward']:.2f}")
         if not args.no_memory and 1 in args.batch:
-            base, ours = results[(family, 1)]["upstream_peak"], results[(family, 1)]["klass_peak"] - \
-                results[(family, 1)]["upstream_peak"]
+            base = results[(family, 1)]["upstream_peak"]
+            ours = results[(family, 1)]["klass_peak"] - base
             theirs = child(family, "authors", 1, limit)[1] - base
             results[(family, "memory")] = dict(klass_extra=ours, authors_extra=theirs)
             print(f"{family:<6} batch 1 extra peak memory over upstream: KLASS {ours / 2**20:8.1f} MiB | "

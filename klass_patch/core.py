@@ -225,9 +225,17 @@ class StabilityTracker:
         return self._log_prev
 
     @staticmethod
-    def _rows(logits, rows, pos, a, b):
-        """Logits of entries a..b: rows of a pre-gathered [N, V] tensor, or gathered from [rows, L, V]."""
-        return logits[a:b] if logits.dim() == 2 else logits[rows[a:b], pos[a:b]]
+    def _read(logits, rows, read, sel):
+        """Logits of entries ``sel`` (a slice or indices): rows of a pre-gathered ``[N, V]`` tensor, or
+        gathered from ``[rows, L, V]`` at ``(rows, read)``."""
+        return logits[sel] if logits.dim() == 2 else logits[rows[sel], read[sel]]
+
+    def _log_probs(self, chunk, out):
+        """``softmax(chunk.double())`` (in the scratch buffer, returned) and ``log(p + 1e-12)`` into ``out``."""
+        p = self._scratch[0, :chunk.shape[0]]
+        torch.softmax(p.copy_(chunk), dim=-1, out=p)
+        torch.log(torch.add(p, EPS, out=out), out=out)
+        return p
 
     def update(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                low_precision_tokens: bool = False, read_pos: Optional[torch.Tensor] = None):
@@ -256,17 +264,14 @@ class StabilityTracker:
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
         near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
-        dense = logits.dim() == 2
-        for a, b, run in _chunks(rows_h, read_h, slots_h, dense, *self._chunk):
+        for a, b, run in _chunks(rows_h, read_h, slots_h, logits.dim() == 2, *self._chunk):
             k = b - a
-            if dense:
-                chunk = logits[a:b]
-            elif run:
+            if run and logits.dim() == 3:
                 chunk = logits[rows_h[a], read_h[a]:read_h[a] + k]
             else:
-                chunk = logits[rows[a:b], read[a:b]]
-            p, lp, w = self._scratch[0, :k], self._scratch[1, :k], self._scratch[2, :k]
-            torch.softmax(p.copy_(chunk), dim=-1, out=p)  # softmax(logits.double()), in place
+                chunk = self._read(logits, rows, read, slice(a, b))
+            lp, w = self._scratch[1, :k], self._scratch[2, :k]
+            p = self._log_probs(chunk, lp)  # p = softmax(logits.double()), lp = log(p + 1e-12)
             if tokens is not None:
                 tok = tokens[a:b]
                 torch.gather(p, -1, tok.unsqueeze(-1), out=conf[a:b].unsqueeze(-1))
@@ -278,7 +283,6 @@ class StabilityTracker:
                     torch.ge(p.amax(-1), top * near_ratio, out=near[a:b])
                     p.scatter_(-1, tok.unsqueeze(-1), top.unsqueeze(-1))
             out_tok[a:b] = tok
-            torch.log(torch.add(p, EPS, out=lp), out=lp)
             # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
             if run:  # in place in the store, which then takes this step's values
                 prev = store[slots_h[a]:slots_h[a] + k]
@@ -291,7 +295,7 @@ class StabilityTracker:
         if low_precision_tokens:  # near-ties (rare): the softmax in the logits' dtype decides, as upstream's
             redo = near.nonzero().squeeze(-1)
             if len(redo):
-                chunk = logits[redo] if logits.dim() == 2 else logits[rows[redo], read[redo]]
+                chunk = self._read(logits, rows, read, redo)
                 tok = torch.softmax(chunk, dim=-1).max(-1).indices
                 out_tok[redo] = tok
                 conf[redo] = torch.softmax(chunk.to(torch.float64), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
@@ -306,8 +310,9 @@ class StabilityTracker:
         size = self._chunk[0]
         for a in range(0, rows.shape[0], size):
             b = min(a + size, rows.shape[0])
-            p = torch.softmax(self._rows(logits, rows, pos, a, b).to(torch.float64), dim=-1)
-            store.index_copy_(0, slots[a:b], torch.log(p + EPS))
+            lp = self._scratch[1, :b - a]
+            self._log_probs(self._read(logits, rows, pos, slice(a, b)), lp)
+            store.index_copy_(0, slots[a:b], lp)
 
     def stable(self, threshold: float) -> torch.Tensor:
         """``[rows, length]``: every value in the history is below ``threshold``."""
