@@ -1,6 +1,7 @@
 """Per-step time and peak memory of KLASS vs upstream's default sampler, measured in one run.
 
     python bench/step_bench.py                      # both families, batch 1 and 8, on stand-ins
+    python bench/step_bench.py --device cuda        # the same on a GPU
     KLASS_PATCH_UPSTREAM=DIR python bench/step_bench.py   # on the real upstream files (see README)
 
 A stub model writes fixed random logits into its output buffer at every forward (as a model on a GPU
@@ -11,16 +12,18 @@ rows of a batch are copies of the batch-1 input, so batch 8 has exactly 8 times 
   after the first two, in each of ``--repeat`` runs, each in a fresh process; the median over all those
   steps. The runs of every configuration (upstream and KLASS, batch 1 and 8) take turns, so that a
   shared machine's slow and fast spells fall on all of them alike.
-- Peak memory: peak RSS of the run's process; a sampler's extra memory is its peak minus that of
-  upstream's default run. "authors' layout" adds to upstream's step the reference's dense state: float64
-  p_prev and p over the whole sequence and vocabulary, and its KL, computed as the authors' sampler does
-  at every step (their sampler itself is not shipped).
+- Peak memory: peak RSS of the run's process (on a GPU: the peak of torch's allocations there); a
+  sampler's extra memory is its peak minus that of upstream's default run. "authors' layout" adds to
+  upstream's step the reference's dense state: float64 p_prev and p over the whole sequence and
+  vocabulary, and its KL, computed as the authors' sampler does at every step (their sampler itself is
+  not shipped).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,19 +52,28 @@ class Stop(Exception):
     pass
 
 
-class StubModel:
-    """Returns a copy of fixed logits; records when each forward starts; stops after ``limit`` forwards."""
+def _sync(device):
+    """Wait for the device's queued work, so that a timestamp covers it (a no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, family, rows, length, limit, dense=False):
+
+class StubModel:
+    """Returns a copy of fixed logits; records when each forward starts (after the device finished the
+    previous step's work); stops after ``limit`` forwards."""
+
+    def __init__(self, family, rows, length, limit, dense=False, device="cpu"):
         g = torch.Generator().manual_seed(0)
+        self.device = torch.device(device)
         # every row is the same input, so that batch 8 does 8 times batch 1's work
-        self.logits = torch.randn((1, length, VOCAB[family]), generator=g).mul_(4).repeat(rows, 1, 1)
+        logits = torch.randn((1, length, VOCAB[family]), generator=g).mul_(4)
+        self.logits = logits.to(self.device).repeat(rows, 1, 1)
         self.out = torch.empty_like(self.logits)
         self.limit, self.stamps, self.dense = limit, [], dense
-        self.device = torch.device("cpu")
         self.p_prev = None
 
     def __call__(self, x, *args, **kwargs):
+        _sync(self.device)
         self.stamps.append(time.perf_counter())
         if len(self.stamps) > self.limit:
             raise Stop
@@ -96,14 +108,15 @@ def _model_config(family):
         return None
 
 
-def run(family, method, rows, limit, prompt_len=128, gen_length=256):
+def run(family, method, rows, limit, device="cpu", prompt_len=128, gen_length=256):
     """Run one sampler until the stub stops it; return the stub (with its timestamps)."""
     llada, dream, _ = _modules()
     klass_patch.apply(llada)
     klass_patch.apply(dream)
     length = prompt_len + gen_length
-    model = StubModel(family, rows, length, limit, dense=(method == "authors"))
+    model = StubModel(family, rows, length, limit, dense=(method == "authors"), device=device)
     prompt = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(1)).repeat(rows, 1)
+    prompt = prompt.to(model.device)
     extra = dict(alg="klass", **PAPER[family]) if method == "klass" else {}
     try:
         if family == "llada":
@@ -112,7 +125,7 @@ def run(family, method, rows, limit, prompt_len=128, gen_length=256):
         else:
             special = dict(mask_token_id=MASK[family], pad_token_id=151643, eos_token_id=151643, bos_token_id=151643)
             model = type("StubDream", (StubModel, dream.DreamGenerationMixin), {})(
-                family, rows, length, limit, dense=(method == "authors"))
+                family, rows, length, limit, dense=(method == "authors"), device=device)
             model.config = _model_config(family)
             config = dream.DreamGenerationConfig(**special)
             model.diffusion_generate(prompt, generation_config=config, max_new_tokens=gen_length, steps=256,
@@ -127,41 +140,55 @@ def step_gaps(stamps, warmup):
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
 
-def forward_seconds(family, rows, repeat=5):
+def forward_seconds(family, rows, device="cpu", repeat=5):
     """Times of ``repeat`` stub forwards after a first one."""
-    model = StubModel(family, rows, 384, 10 ** 9)
-    x = torch.zeros((rows, 384), dtype=torch.long)
+    model = StubModel(family, rows, 384, 10 ** 9, device=device)
+    x = torch.zeros((rows, 384), dtype=torch.long, device=model.device)
     for _ in range(repeat + 1):
         model(x)
+    _sync(model.device)
     return step_gaps(model.stamps + [time.perf_counter()], 1)
 
 
-def child(family, what, rows, limit):
-    """Run one measurement in a fresh process (memory freed between runs; peak RSS is this run's alone).
-    Returns (the seconds of each timed step, or of each stub forward for ``what == "forward"``; peak RSS
-    in bytes)."""
-    code = (f"import sys, json, resource; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
+def peak_memory(device):
+    """Peak memory of this process so far: RSS on a CPU, torch's allocations on a GPU (bytes)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(family, what, rows, limit, device):
+    """Run one measurement in a fresh process (memory freed between runs; the peak is this run's alone).
+    Returns (the seconds of each timed step, or of each stub forward for ``what == "forward"``; peak
+    memory in bytes)."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
             "import torch; torch.set_grad_enabled(False); "
-            f"t = b.forward_seconds({family!r}, {rows}) if {what!r} == 'forward' else "
-            f"b.step_gaps(b.run({family!r}, {what!r}, {rows}, {limit}).stamps, {WARMUP}); "
-            "print(json.dumps([t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")
+            f"t = b.forward_seconds({family!r}, {rows}, {device!r}) if {what!r} == 'forward' else "
+            f"b.step_gaps(b.run({family!r}, {what!r}, {rows}, {limit}, {device!r}).stamps, {WARMUP}); "
+            f"print(json.dumps([t, b.peak_memory({device!r})]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise RuntimeError(f"{family} {what} batch {rows} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(family, batches, limit, repeat):
+def measure(family, batches, limit, repeat, device):
     """Every configuration ``repeat`` times, taking turns; per configuration the pooled step times and the
-    smallest peak RSS."""
+    smallest peak memory."""
     configs = [(what, rows) for rows in batches for what in ("forward", "upstream", "klass")]
     times, peaks = {c: [] for c in configs}, {c: [] for c in configs}
     for _ in range(max(1, repeat)):
         for what, rows in configs:
-            t, peak = child(family, what, rows, limit)
+            t, peak = child(family, what, rows, limit, device)
             times[(what, rows)] += t
             peaks[(what, rows)].append(peak)
     return {c: (statistics.median(times[c]), min(peaks[c])) for c in configs}
+
+
+def _device_name(device):
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def main():
@@ -170,16 +197,17 @@ def main():
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, taking turns")
+    parser.add_argument("--device", default="cpu", help="where the stub model and the samplers run (cpu, cuda)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     limit = args.steps + WARMUP
     print(f"klass-patch step benchmark on {_modules()[2]}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, L = 128 + 256")
+          f"{torch.get_num_threads()} threads, device {_device_name(args.device)}, L = 128 + 256")
     results = {}
     for family in args.family:
-        m = measure(family, args.batch, limit, args.repeat)
+        m = measure(family, args.batch, limit, args.repeat, args.device)
         for rows in args.batch:
             (fwd, _), (up, up_mem), (kl, kl_mem) = (m[(what, rows)] for what in ("forward", "upstream", "klass"))
             results[(family, rows)] = dict(forward=fwd, upstream=up, klass=kl, upstream_peak=up_mem, klass_peak=kl_mem)
@@ -192,7 +220,7 @@ def main():
         if not args.no_memory and 1 in args.batch:
             base = results[(family, 1)]["upstream_peak"]
             ours = results[(family, 1)]["klass_peak"] - base
-            theirs = child(family, "authors", 1, limit)[1] - base
+            theirs = child(family, "authors", 1, limit, args.device)[1] - base
             results[(family, "memory")] = dict(klass_extra=ours, authors_extra=theirs)
             print(f"{family:<6} batch 1 extra peak memory over upstream: KLASS {ours / 2**20:8.1f} MiB | "
                   f"authors' layout {theirs / 2**20:8.1f} MiB | ratio = {ours / theirs:.3f} (target <= 0.25)")
