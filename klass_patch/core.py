@@ -142,17 +142,29 @@ def low_precision_max_position(logits, read_at, conf64, candidates):
     return pick
 
 
-def first_max(p: torch.Tensor):
-    """``p.max(-1)`` of a ``[n, V]`` tensor (value and first index of the maximum), in two cheap passes:
-    the maximum of blocks of ``BLOCK`` entries, then the first maximum inside the first block holding it
-    (torch's indexed max over long rows is several times slower than a plain maximum)."""
+def first_max(p: torch.Tensor, second: bool = False):
+    """``p.max(-1)`` of a ``[n, V]`` tensor (value and first index of the maximum) and, if ``second``, the
+    largest value at any other index, in one pass over ``p``: the maximum of blocks of ``BLOCK`` entries,
+    then the first maximum inside the first block holding it (torch's indexed max over long rows is
+    several times slower than a plain maximum); the runner-up is the larger of the other blocks' maxima
+    and the rest of that block."""
     n, v = p.shape
     if v % BLOCK or v < 8 * BLOCK:
-        return p.max(-1)
+        top, idx = p.max(-1)
+        if not second:
+            return top, idx
+        rest = p.scatter(-1, idx.unsqueeze(-1), -math.inf)
+        return top, idx, rest.amax(-1)
     blocks = p.view(n, v // BLOCK, BLOCK)
-    top, block = blocks.amax(-1).max(-1)
-    inner = blocks[torch.arange(n, device=p.device), block].argmax(-1)
-    return top, block * BLOCK + inner
+    maxima = blocks.amax(-1)
+    top, block = maxima.max(-1)
+    inside = blocks[torch.arange(n, device=p.device), block]
+    inner = inside.argmax(-1)
+    if not second:
+        return top, block * BLOCK + inner
+    others = maxima.scatter_(-1, block.unsqueeze(-1), -math.inf).amax(-1)
+    rest = inside.scatter_(-1, inner.unsqueeze(-1), -math.inf).amax(-1)
+    return top, block * BLOCK + inner, torch.maximum(others, rest)
 
 
 def chunk_policy(device: torch.device, vocab: int):
@@ -276,12 +288,12 @@ class StabilityTracker:
                 tok = tokens[a:b]
                 torch.gather(p, -1, tok.unsqueeze(-1), out=conf[a:b].unsqueeze(-1))
             else:
-                top, tok = first_max(p)
+                if low_precision_tokens:  # a runner-up within rounding of the top may win once rounded
+                    top, tok, runner_up = first_max(p, second=True)
+                    torch.ge(runner_up, top * near_ratio, out=near[a:b])
+                else:
+                    top, tok = first_max(p)
                 conf[a:b] = top
-                if low_precision_tokens:  # second largest probability: blank the top, take the max, put it back
-                    p.scatter_(-1, tok.unsqueeze(-1), -1.0)
-                    torch.ge(p.amax(-1), top * near_ratio, out=near[a:b])
-                    p.scatter_(-1, tok.unsqueeze(-1), top.unsqueeze(-1))
             out_tok[a:b] = tok
             # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
             if run:  # in place in the store, which then takes this step's values

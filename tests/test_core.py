@@ -88,9 +88,16 @@ def test_first_max_is_torchs_max_with_the_first_index_on_ties():
     p[1, [BLOCK + 1, BLOCK + 7]] = 2.0  # ties in one block
     p[2, -1] = 2.0  # last entry
     p[3] = 1.0  # all equal
+    p[4, [7, 7 + 4 * BLOCK]] = torch.tensor([2.0, 1.5], dtype=p.dtype)  # runner-up in another block
+    p[5, [7, 9]] = torch.tensor([2.0, 1.5], dtype=p.dtype)  # runner-up in the top's block
     for q in (p, p[:, : 16 * BLOCK - 3], p.float()):  # blocked path, plain path (length not a multiple), float32
         assert all(torch.equal(a, b) for a, b in zip(first_max(q), q.max(-1)))
+        top, idx, runner_up = first_max(q, second=True)
+        # the largest value at any index but the top's: ties count, the top's own entry does not
+        assert torch.equal(runner_up, q.scatter(-1, idx.unsqueeze(-1), -1.0).amax(-1))
+        assert torch.equal(top, q.max(-1).values)
     assert first_max(p)[1][:4].tolist() == [5, BLOCK + 1, 16 * BLOCK - 1, 0]
+    assert first_max(p, second=True)[2][:6].tolist() == [2.0, 2.0, p[2, :-1].max().item(), 1.0, 1.5, 1.5]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
