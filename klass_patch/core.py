@@ -176,38 +176,42 @@ def chunk_policy(device: torch.device, vocab: int):
     return max(CHUNK, CHUNK_BYTES // (8 * vocab)), False
 
 
-def _chunks(rows_h, read_h, slots_h, dense, size, split_runs):
-    """Split entries ``0..n`` into ranges ``(a, b, run)`` of at most ``size`` entries. A run (entries of one
-    row at consecutive read positions and consecutive slots) is read and written through views; other
-    ranges are gathered. With ``split_runs``, runs of 2 or more get ranges of their own and isolated
-    entries are grouped."""
-    n = len(slots_h)
+def _chunks(rows, read, slots, dense, size, split_runs):
+    """Split entries ``0..n`` into ranges of at most ``size`` entries, computed on host tensors (no loop
+    over entries). A *run* (entries at consecutive slots and, unless ``dense``, of one row at consecutive
+    read positions) is read and written through views; other ranges are gathered. With ``split_runs``,
+    runs are cut into pieces of ``size``, pieces of 2 or more are ranges of their own, and the entries
+    left alone are grouped, ``size`` at a time. Returns ``(a, b, run, row, read, slot)`` per range, the
+    last three those of entry ``a``."""
+    n = slots.shape[0]
+    if n == 0:
+        return []
+    cont = torch.zeros(n, dtype=torch.bool)  # entry j continues the run of entry j - 1
+    cont[1:] = slots[1:] == slots[:-1] + 1
+    if not dense:
+        cont[1:] &= (rows[1:] == rows[:-1]) & (read[1:] == read[:-1] + 1)
+    idx = torch.arange(n)
+    run = (~cont).cumsum(0) - 1  # run of each entry
 
-    def follows(j, i):  # entry j continues the run that starts at entry i
-        return slots_h[j] == slots_h[j - 1] + 1 and (
-            dense or (rows_h[j] == rows_h[i] and read_h[j] == read_h[j - 1] + 1))
-
-    def run_end(i):
-        j = i + 1
-        while j < n and j - i < size and follows(j, i):
-            j += 1
-        return j
+    def last_start(flags):  # per entry, the last index <= it where ``flags`` holds
+        return torch.where(flags, idx, 0).cummax(0).values
 
     if not split_runs:
-        return [(a, min(a + size, n), run_end(a) == min(a + size, n)) for a in range(0, n, size)]
-    i, out = 0, []
-    while i < n:
-        j = run_end(i)
-        if j - i > 1:
-            out.append((i, j, True))
-            i = j
-            continue
-        j = i + 1  # isolated: gather it with the isolated entries that follow
-        while j < n and j - i < size and run_end(j) == j + 1:
-            j += 1
-        out.append((i, j, False))
-        i = j
-    return out
+        a = torch.arange(0, n, size)
+        b = (a + size).clamp_(max=n)
+        whole = run[a] == run[b - 1]
+    else:
+        offset = idx - last_start(~cont)  # place in its run
+        length = torch.bincount(run)[run]  # its run's length
+        alone = (length - (offset - offset % size)).clamp_(max=size) == 1  # its run's piece is 1 entry
+        new = alone.clone()  # a stretch of lone entries starts here
+        new[1:] &= ~alone[:-1]
+        place = idx - last_start(new)  # place in its stretch (for lone entries)
+        first = torch.where(alone, place % size == 0, offset % size == 0)
+        a = idx[first]
+        b = torch.cat([a[1:], torch.tensor([n])])
+        whole = ~alone[a]
+    return torch.stack((a, b, whole.long(), rows[a], read[a], slots[a]), -1).tolist()
 
 
 class StabilityTracker:
@@ -264,22 +268,22 @@ class StabilityTracker:
         previous step, which is also pushed into the history.
 
         Runs of consecutive positions are read and written through views (no gather, no scatter); the
-        positions' indices leave the device once per call.
+        positions' indices leave the device once per call and the ranges are found without a loop over them.
         """
         n = rows.shape[0]
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
         read = pos if read_pos is None else read_pos
-        rows_h, read_h, slots_h = torch.stack((rows, read, slots)).tolist()  # one transfer
+        host = torch.stack((rows, read, slots)).cpu()  # one transfer
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
         near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
-        for a, b, run in _chunks(rows_h, read_h, slots_h, logits.dim() == 2, *self._chunk):
+        for a, b, run, row, at, slot in _chunks(*host, logits.dim() == 2, *self._chunk):
             k = b - a
             if run and logits.dim() == 3:
-                chunk = logits[rows_h[a], read_h[a]:read_h[a] + k]
+                chunk = logits[row, at:at + k]
             else:
                 chunk = self._read(logits, rows, read, slice(a, b))
             lp, w = self._scratch[1, :k], self._scratch[2, :k]
@@ -297,7 +301,7 @@ class StabilityTracker:
             out_tok[a:b] = tok
             # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
             if run:  # in place in the store, which then takes this step's values
-                prev = store[slots_h[a]:slots_h[a] + k]
+                prev = store[slot:slot + k]
                 torch.sum(torch.sub(lp, prev, out=prev).mul_(p), -1, out=kl[a:b])
                 prev.copy_(lp)
             else:

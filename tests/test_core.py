@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from klass_patch import core
-from klass_patch.core import (BLOCK, EPS, KlassConfig, StabilityTracker, first_max, low_precision_max_position,
+from klass_patch.core import (BLOCK, EPS, KlassConfig, StabilityTracker, _chunks, first_max, low_precision_max_position,
                               select_ready, write_steps_jsonl)
 
 
@@ -79,6 +79,28 @@ def test_tracker_reads_scattered_positions_of_the_whole_output(policy, monkeypat
         entering[:, lo + width:lo + width + 4] = True
         p_prev = torch.where((cand | entering).unsqueeze(-1), p, p_prev)
     assert {3 * BLOCK + 5, 7}.issubset(set(tok.tolist()))
+
+
+@pytest.mark.parametrize("size, split_runs", [(1, True), (4, True), (4, False), (60, False)])
+def test_chunks_tile_the_entries_and_flag_only_true_runs(size, split_runs):
+    """A range read through a view must be a true run; on a CPU (``split_runs``) every run piece of 2 or
+    more entries is read through a view and lone entries are grouped."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        cand = torch.rand(3, 30, generator=g) < (0.3, 0.8, 1.0)[trial % 3]
+        rows, pos = cand.nonzero(as_tuple=True)
+        width, dense = (30, 11)[trial % 2], trial % 5 == 0
+        slots, read = rows * width + (pos - 2) % width, pos - trial % 2
+        ranges = _chunks(rows, read, slots, dense, size, split_runs)
+        assert [a for a, *_ in ranges] == [0] + [b for _, b, *_ in ranges[:-1]] and ranges[-1][1] == len(rows)
+        for a, b, run, row, at, slot in ranges:
+            assert 1 <= b - a <= size and (row, at, slot) == (rows[a], read[a], slots[a])
+            follows = (slots[a + 1:b] == slots[a:b - 1] + 1) & (
+                dense | ((rows[a + 1:b] == rows[a:b - 1]) & (read[a + 1:b] == read[a:b - 1] + 1)))
+            if run or not split_runs:  # a view only over a true run; a fixed range that is one is read as a view
+                assert bool(run) == bool(follows.all())
+            else:  # lone entries only: no two of them could share a view
+                assert not follows.any()
 
 
 def test_first_max_is_torchs_max_with_the_first_index_on_ties():
