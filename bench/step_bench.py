@@ -9,9 +9,12 @@ writes into the same cached block each time), at L = 128 + 256 and the real voca
 rows of a batch are copies of the batch-1 input, so batch 8 has exactly 8 times batch 1's work.
 
 - Step time: wall time between consecutive forwards (stub forward included), for ``--steps`` forwards
-  after the first two, in each of ``--repeat`` runs, each in a fresh process; the median over all those
-  steps. The runs of every configuration (upstream and KLASS, batch 1 and 8) take turns, so that a
-  shared machine's slow and fast spells fall on all of them alike.
+  after the first two, in runs that each have a fresh process; the median over all the timed steps of a
+  configuration. There are ``--repeat`` rounds; in a round the configurations (stub forward, upstream,
+  KLASS; batch 1, then 8, then 1 again) take turns, so that a shared machine's slow and fast spells fall
+  on all of them alike.
+- Ratios (KLASS / upstream, batch 8 / batch 1): per round, the ratio of the two configurations' median
+  step times in that round (runs close in time); printed is the median over rounds, with each round's.
 - Peak memory: peak RSS of the run's process (on a GPU: the peak of torch's allocations there); a
   sampler's extra memory is its peak minus that of upstream's default run. "authors' layout" adds to
   upstream's step the reference's dense state: float64 p_prev and p over the whole sequence and
@@ -173,17 +176,36 @@ def child(family, what, rows, limit, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+WHAT = ("forward", "upstream", "klass")
+
+
 def measure(family, batches, limit, repeat, device):
-    """Every configuration ``repeat`` times, taking turns; per configuration the pooled step times and the
-    smallest peak memory."""
-    configs = [(what, rows) for rows in batches for what in ("forward", "upstream", "klass")]
-    times, peaks = {c: [] for c in configs}, {c: [] for c in configs}
+    """``repeat`` rounds. In a round every configuration runs once, taking turns, batch by batch, and the
+    first batch runs again at the end, so that the batch-1 runs of a round bracket its batch-8 runs in
+    time. Returns the rounds (per configuration, the timed steps of its runs in that round) and the
+    smallest peak memory per configuration."""
+    order = [(what, rows) for rows in batches for what in WHAT]
+    if len(batches) > 1:
+        order += [(what, batches[0]) for what in WHAT]
+    rounds, peaks = [], {}
     for _ in range(max(1, repeat)):
-        for what, rows in configs:
+        times = {}
+        for what, rows in order:
             t, peak = child(family, what, rows, limit, device)
-            times[(what, rows)] += t
-            peaks[(what, rows)].append(peak)
-    return {c: (statistics.median(times[c]), min(peaks[c])) for c in configs}
+            times.setdefault((what, rows), []).extend(t)
+            peaks.setdefault((what, rows), []).append(peak)
+        rounds.append(times)
+    return rounds, {c: min(v) for c, v in peaks.items()}
+
+
+def ratio(rounds, top, bottom):
+    """Median step time of ``top`` over that of ``bottom`` in each round; their median, and the list."""
+    each = [statistics.median(r[top]) / statistics.median(r[bottom]) for r in rounds]
+    return statistics.median(each), each
+
+
+def _spread(each):
+    return ", ".join(f"{x:.2f}" for x in each)
 
 
 def _device_name(device):
@@ -196,7 +218,7 @@ def main():
     parser.add_argument("--family", nargs="+", default=["llada", "dream"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration, taking turns")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; in each, every configuration runs once (batch 1 twice), taking turns")
     parser.add_argument("--device", default="cpu", help="where the stub model and the samplers run (cpu, cuda)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")
@@ -207,16 +229,23 @@ def main():
           f"{torch.get_num_threads()} threads, device {_device_name(args.device)}, L = 128 + 256")
     results = {}
     for family in args.family:
-        m = measure(family, args.batch, limit, args.repeat, args.device)
+        rounds, peaks = measure(family, args.batch, limit, args.repeat, args.device)
         for rows in args.batch:
-            (fwd, _), (up, up_mem), (kl, kl_mem) = (m[(what, rows)] for what in ("forward", "upstream", "klass"))
-            results[(family, rows)] = dict(forward=fwd, upstream=up, klass=kl, upstream_peak=up_mem, klass_peak=kl_mem)
+            fwd, up, kl = (statistics.median([t for r in rounds for t in r[(what, rows)]]) for what in WHAT)
+            mid, each = ratio(rounds, ("klass", rows), ("upstream", rows))
+            results[(family, rows)] = dict(forward=fwd, upstream=up, klass=kl, klass_over_upstream=each,
+                                           upstream_peak=peaks[("upstream", rows)], klass_peak=peaks[("klass", rows)])
             print(f"{family:<6} batch {rows}: stub forward {fwd * 1e3:8.1f} ms | upstream step {up * 1e3:8.1f} ms | "
-                  f"KLASS step {kl * 1e3:8.1f} ms | KLASS / upstream = {kl / up:.2f} (target <= 1 at batch 1)")
+                  f"KLASS step {kl * 1e3:8.1f} ms | KLASS / upstream = {mid:.2f} (rounds: {_spread(each)}; "
+                  "target <= 1 at batch 1)")
         if 1 in args.batch and 8 in args.batch:
-            r1, r8 = results[(family, 1)], results[(family, 8)]
-            print(f"{family:<6} KLASS batch 8 step / batch 1 step = {r8['klass'] / r1['klass']:.2f} (target < 8); "
-                  f"upstream: {r8['upstream'] / r1['upstream']:.2f}; stub forward: {r8['forward'] / r1['forward']:.2f}")
+            line = []
+            for what in WHAT:
+                mid, each = ratio(rounds, (what, 8), (what, 1))
+                results[(family, f"{what} batch 8 / 1")] = each
+                line.append(f"{mid:.2f} (rounds: {_spread(each)})")
+            print(f"{family:<6} batch 8 step / batch 1 step: KLASS {line[2]} (target < 8); upstream {line[1]}; "
+                  f"stub forward {line[0]}")
         if not args.no_memory and 1 in args.batch:
             base = results[(family, 1)]["upstream_peak"]
             ours = results[(family, 1)]["klass_peak"] - base
