@@ -218,7 +218,8 @@ def main():
     parser.add_argument("--family", nargs="+", default=["llada", "dream"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; in each, every configuration runs once (batch 1 twice), taking turns")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds; in each, every configuration runs once (batch 1 twice), taking turns")
     parser.add_argument("--device", default="cpu", help="where the stub model and the samplers run (cpu, cuda)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")

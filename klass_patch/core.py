@@ -246,6 +246,18 @@ class StabilityTracker:
         gathered from ``[rows, L, V]`` at ``(rows, read)``."""
         return logits[sel] if logits.dim() == 2 else logits[rows[sel], read[sel]]
 
+    def _ranges(self, logits, rows, read, slots):
+        """Per range of entries (see ``_chunks``): ``(a, b, logits of entries a..b, their store rows as a view,
+        or None where they are not consecutive there)``. The entries' indices leave the device once."""
+        store = self._store(logits.shape[-1])
+        host = torch.stack((rows, read, slots)).cpu()
+        for a, b, run, row, at, slot in _chunks(*host, logits.dim() == 2, *self._chunk):
+            if run and logits.dim() == 3:
+                chunk = logits[row, at:at + b - a]
+            else:
+                chunk = self._read(logits, rows, read, slice(a, b))
+            yield a, b, chunk, (store[slot:slot + b - a] if run else None)
+
     def _log_probs(self, chunk, out):
         """``softmax(chunk.double())`` (in the scratch buffer, returned) and ``log(p + 1e-12)`` into ``out``."""
         p = self._scratch[0, :chunk.shape[0]]
@@ -274,19 +286,13 @@ class StabilityTracker:
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
         read = pos if read_pos is None else read_pos
-        host = torch.stack((rows, read, slots)).cpu()  # one transfer
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
         near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
-        for a, b, run, row, at, slot in _chunks(*host, logits.dim() == 2, *self._chunk):
-            k = b - a
-            if run and logits.dim() == 3:
-                chunk = logits[row, at:at + k]
-            else:
-                chunk = self._read(logits, rows, read, slice(a, b))
-            lp, w = self._scratch[1, :k], self._scratch[2, :k]
+        for a, b, chunk, prev in self._ranges(logits, rows, read, slots):
+            lp, w = self._scratch[1, :b - a], self._scratch[2, :b - a]
             p = self._log_probs(chunk, lp)  # p = softmax(logits.double()), lp = log(p + 1e-12)
             if tokens is not None:
                 tok = tokens[a:b]
@@ -300,8 +306,7 @@ class StabilityTracker:
                 conf[a:b] = top
             out_tok[a:b] = tok
             # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
-            if run:  # in place in the store, which then takes this step's values
-                prev = store[slot:slot + k]
+            if prev is not None:  # in place in the store, which then takes this step's values
                 torch.sum(torch.sub(lp, prev, out=prev).mul_(p), -1, out=kl[a:b])
                 prev.copy_(lp)
             else:
@@ -323,12 +328,11 @@ class StabilityTracker:
         """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        size = self._chunk[0]
-        for a in range(0, rows.shape[0], size):
-            b = min(a + size, rows.shape[0])
-            lp = self._scratch[1, :b - a]
-            self._log_probs(self._read(logits, rows, pos, slice(a, b)), lp)
-            store.index_copy_(0, slots[a:b], lp)
+        for a, b, chunk, prev in self._ranges(logits, rows, pos, slots):
+            lp = self._scratch[1, :b - a] if prev is None else prev  # runs: straight into the store
+            self._log_probs(chunk, lp)
+            if prev is None:
+                store.index_copy_(0, slots[a:b], lp)
 
     def stable(self, threshold: float) -> torch.Tensor:
         """``[rows, length]``: every value in the history is below ``threshold``."""
