@@ -24,7 +24,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List, NamedTuple, Optional
 
 import torch
 
@@ -76,28 +76,38 @@ class KlassConfig:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict, defaults: Optional[object] = None) -> "KlassConfig":
-        """Pop the KLASS parameters out of ``kwargs`` (missing ones from ``defaults``' attributes, then ours)."""
+        """Pop the KLASS parameters out of ``kwargs``; a missing one, or one given as ``None``, comes from
+        ``defaults``' attributes, then from ours."""
         values = {}
         for name in cls.__dataclass_fields__:
-            if name in kwargs:
-                values[name] = kwargs.pop(name)
+            value = kwargs.pop(name, None)
+            if value is not None:
+                values[name] = value
             elif defaults is not None and getattr(defaults, name, None) is not None:
                 values[name] = getattr(defaults, name)
         return cls(**values)
 
 
-@dataclass
-class GenerateOutput:
-    """What a ``return_dict_in_generate=True`` call returns.
+try:  # the type of upstream's own outputs (Dream's DreamModelOutput): indexing, to_tuple(), .get()
+    from transformers.utils import ModelOutput as _OutputBase
+except ImportError:  # transformers is not needed for LLaDA: a plain dataclass then
+    _OutputBase = object
 
-    ``sequences``: ``[rows, length]`` ids. ``used_steps``: ``[rows]`` number of model forwards each row made
-    (what it would have made alone). ``history``: the step records when ``save_steps=True``, else
-    upstream's history (Dream's ``output_history``: one tensor per step) or ``None``.
+
+@dataclass
+class GenerateOutput(_OutputBase):
+    """What a ``return_dict_in_generate=True`` call returns; a ``transformers`` ``ModelOutput`` when
+    transformers is importable, so ``out[0]``, ``out["sequences"]``, ``out.to_tuple()`` and ``.get`` work as on
+    upstream's output (fields in upstream's order, ``used_steps`` added last).
+
+    ``sequences``: ``[rows, length]`` ids. ``history``: the step records when ``save_steps=True``, else
+    upstream's history (Dream's ``output_history``: one tensor per step) or ``None``. ``used_steps``:
+    ``[rows]`` number of model forwards each row made (what it would have made alone).
     """
 
-    sequences: torch.LongTensor
-    used_steps: torch.LongTensor
+    sequences: torch.LongTensor = None
     history: Optional[list] = None
+    used_steps: torch.LongTensor = None
 
 
 def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
@@ -106,8 +116,10 @@ def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
     total = int(left.sum())
     if total:
         warnings.warn(
-            f"KLASS ran out of steps with {total} masked position(s) left (per row: {left.tolist()}); "
-            "the result keeps them, as the authors' sampler does. Use more steps or unmask_strategy='all'.",
+            f"KLASS used its steps with {total} masked position(s) left (per row: {left.tolist()}); the result "
+            "keeps them, as the authors' sampler does. Each step unmasks only its ready tokens (or the fallback's "
+            "few when none is ready), with any unmask_strategy; give more steps, or thresholds that let more "
+            "tokens qualify (lower conf_threshold, higher kl_threshold, shorter kl_history_length).",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -116,20 +128,44 @@ def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
 KLASS_PARAMS = tuple(KlassConfig.__dataclass_fields__)  # the keyword arguments KLASS adds
 
 
+def klass_options(kwargs: dict, alg, algs: tuple, hint: str = "") -> dict:
+    """The rule both families follow, checked before any forward: ``alg`` must be one of ``algs``, and the
+    KLASS parameters (taken out of ``kwargs`` and returned) come with ``alg="klass"`` only; a parameter given
+    as ``None`` means its default and is always accepted. Otherwise ``ValueError`` naming the parameter."""
+    if alg not in algs:
+        raise ValueError(f"alg must be one of {', '.join(map(repr, algs))}, got {alg!r}{hint}")
+    opts = {k: kwargs.pop(k) for k in KLASS_PARAMS if k in kwargs}
+    stray = [k for k, v in opts.items() if v is not None]
+    if stray and alg != "klass":
+        raise ValueError(f"{', '.join(stray)}: KLASS parameter(s), used only with alg='klass' (alg is {alg!r}); "
+                         "pass alg='klass' or leave them out")
+    return opts
+
+
 def _log_eps(device) -> torch.Tensor:
     # log(0 + 1e-12) computed exactly as the reference does for p_prev = 0.
     return torch.log(torch.zeros((), dtype=torch.float64, device=device) + EPS)
+
+
+# Rounding of two probabilities of one softmax: the same normaliser divides both, so values within a few
+# units in the last place of the logits' dtype can tie or swap once computed in that dtype; 8 ulps is a
+# safe margin.
+SAME_ROW_ULPS = 8
+# Comparing top probabilities of *different* positions: each low-precision softmax has its own normaliser, a
+# sum over the whole vocabulary whose rounding error grows with its length, so the margin is wider: a float64
+# order closer than 1e-3 relative (or 8 ulps, for a coarser dtype) is re-decided in the logits' dtype.
+ACROSS_ROWS_RTOL = 1e-3
 
 
 def low_precision_max_position(logits, read_at, conf64, candidates):
     """Per row of ``candidates`` ([rows, length]), the position whose top probability in the logits' own
     dtype is largest (first on ties), as upstream's ``softmax(...).max()`` then ``argmax`` over positions
     picks it. ``conf64`` ([rows, length], float64, -inf off candidates) decides unless another candidate
-    of the row is within a relative 1e-3 (or 8 ulps of the dtype) of the row's best; those few positions
-    are then computed in the logits' dtype. ``read_at`` ([length]): where in ``logits`` each position's
-    prediction is."""
+    of the row is within ``ACROSS_ROWS_RTOL`` (or 8 ulps of the dtype) of the row's best; those few
+    positions are then computed in the logits' dtype. ``read_at`` ([length]): where in ``logits`` each
+    position's prediction is."""
     best = conf64.max(-1, keepdim=True).values
-    rtol = max(1e-3, 8 * torch.finfo(logits.dtype).eps)
+    rtol = max(ACROSS_ROWS_RTOL, SAME_ROW_ULPS * torch.finfo(logits.dtype).eps)
     close = candidates & (conf64 >= best * (1 - rtol))
     pick = conf64.argmax(-1)
     tied = close.sum(-1) > 1
@@ -176,51 +212,84 @@ def chunk_policy(device: torch.device, vocab: int):
     return max(CHUNK, CHUNK_BYTES // (8 * vocab)), False
 
 
-def _chunks(rows, read, slots, dense, size, split_runs):
-    """Split entries ``0..n`` into ranges of at most ``size`` entries, computed on host tensors (no loop
-    over entries). A *run* (entries at consecutive slots and, unless ``dense``, of one row at consecutive
-    read positions) is read and written through views; other ranges are gathered. With ``split_runs``,
-    runs are cut into pieces of ``size``, pieces of 2 or more are ranges of their own, and the entries
-    left alone are grouped, ``size`` at a time. Returns ``(a, b, run, row, read, slot)`` per range, the
-    last three those of entry ``a``."""
+class Range(NamedTuple):
+    """Entries ``a..b`` of an update, processed together. ``run``: they sit at consecutive store slots and
+    (unless the logits are pre-gathered) consecutive read positions of one row, so both are views; else they
+    are gathered. ``row``, ``read``, ``slot``: those of entry ``a``."""
+
+    a: int
+    b: int
+    run: bool
+    row: int
+    read: int
+    slot: int
+
+
+def _chunks(rows, read, slots, dense, size, split_runs) -> List[Range]:
+    """Split entries ``0..n`` (host tensors) into ranges of at most ``size`` entries.
+
+    A *run* is a stretch of entries at consecutive slots and, unless ``dense`` (logits already gathered,
+    one row per entry), of one row at consecutive read positions. With ``split_runs`` each run is cut into
+    pieces of ``size``; pieces of two or more entries are ranges of their own, read through views, and the
+    one-entry pieces that follow each other are grouped, ``size`` at a time, and gathered. Without it the
+    ranges are fixed (``size`` entries each), a view only where one happens to lie inside a run."""
     n = slots.shape[0]
     if n == 0:
         return []
-    cont = torch.zeros(n, dtype=torch.bool)  # entry j continues the run of entry j - 1
-    cont[1:] = slots[1:] == slots[:-1] + 1
+    cont = slots[1:] == slots[:-1] + 1  # entry j + 1 continues the run of entry j
     if not dense:
-        cont[1:] &= (rows[1:] == rows[:-1]) & (read[1:] == read[:-1] + 1)
-    idx = torch.arange(n)
-    run = (~cont).cumsum(0) - 1  # run of each entry
-
-    def last_start(flags):  # per entry, the last index <= it where ``flags`` holds
-        return torch.where(flags, idx, 0).cummax(0).values
-
+        cont &= (rows[1:] == rows[:-1]) & (read[1:] == read[:-1] + 1)
+    starts = [0] + (torch.nonzero(~cont).squeeze(-1) + 1).tolist()
+    bounds = list(zip(starts, starts[1:] + [n]))  # [start, end) of each run
     if not split_runs:
-        a = torch.arange(0, n, size)
-        b = (a + size).clamp_(max=n)
-        whole = run[a] == run[b - 1]
+        run_end = torch.zeros(n, dtype=torch.long)
+        for s, e in bounds:
+            run_end[s:e] = e
+        spans = [(a, min(a + size, n)) for a in range(0, n, size)]
+        flags = [int(run_end[a]) >= b for a, b in spans]
     else:
-        offset = idx - last_start(~cont)  # place in its run
-        length = torch.bincount(run)[run]  # its run's length
-        alone = (length - (offset - offset % size)).clamp_(max=size) == 1  # its run's piece is 1 entry
-        new = alone.clone()  # a stretch of lone entries starts here
-        new[1:] &= ~alone[:-1]
-        place = idx - last_start(new)  # place in its stretch (for lone entries)
-        first = torch.where(alone, place % size == 0, offset % size == 0)
-        a = idx[first]
-        b = torch.cat([a[1:], torch.tensor([n])])
-        whole = ~alone[a]
-    return torch.stack((a, b, whole.long(), rows[a], read[a], slots[a]), -1).tolist()
+        spans, flags = [], []
+        for s, e in bounds:
+            for a in range(s, e, size):
+                b = min(a + size, e)
+                lone = b - a == 1
+                if lone and flags and not flags[-1] and spans[-1][1] == a and a - spans[-1][0] < size:
+                    spans[-1] = (spans[-1][0], b)  # one more lone entry joins the group before it
+                else:
+                    spans.append((a, b))
+                    flags.append(not lone)
+    first = torch.tensor([a for a, _ in spans])
+    heads = torch.stack((rows[first], read[first], slots[first]), -1).tolist()
+    return [Range(a, b, run, *head) for (a, b), run, head in zip(spans, flags, heads)]
+
+
+class _Reader:
+    """Where the logits of an update's entries are: a pre-gathered ``[N, V]`` tensor (row i is entry i), or
+    the whole ``[rows, length, V]`` output read at ``(rows[i], read[i])`` (e.g. a shifted view)."""
+
+    def __init__(self, logits, rows, read):
+        self.logits, self.rows, self.read = logits, rows, read
+        self.dense = logits.dim() == 2
+
+    def at(self, sel):
+        """Logits of entries ``sel`` (a slice or indices), gathered."""
+        return self.logits[sel] if self.dense else self.logits[self.rows[sel], self.read[sel]]
+
+    def range(self, r: Range):
+        """Logits of a range: a view where it is a run of one row, else gathered."""
+        if r.run and not self.dense:
+            return self.logits[r.row, r.read:r.read + r.b - r.a]
+        return self.at(slice(r.a, r.b))
 
 
 class StabilityTracker:
     """KL divergence between consecutive steps and its history, for a ``[rows, length]`` grid of positions.
 
-    Only a window of ``width`` positions per row, starting at ``start``, can ever be tracked; a position
-    ``pos`` lives in slot ``(pos - start) % width``, so a window narrower than the generation (LLaDA: two
-    blocks) is a ring. For each tracked slot the tracker keeps ``log(p_prev + 1e-12)`` in float64, the
-    only vocabulary-sized state, and updates it in place.
+    Only a window of ``width`` positions per row, starting at ``start``, is tracked; a position ``pos``
+    lives in slot ``(pos - start) % width``. A window narrower than what follows ``start`` (LLaDA: two
+    blocks) is a ring; one that reaches the end (Dream) grows to the left when an earlier position is
+    advanced or reset, so no two positions ever share a slot. For each slot the tracker keeps
+    ``log(p_prev + 1e-12)`` in float64, the only vocabulary-sized state, and updates it in place.
     """
 
     def __init__(self, rows: int, length: int, start: int, width: int, history_length: int, device):
@@ -228,6 +297,25 @@ class StabilityTracker:
         self.device = torch.device(device)
         self.history = torch.zeros((rows, length, history_length), dtype=torch.float64, device=self.device)
         self._log_prev: Optional[torch.Tensor] = None  # [rows * width, V], allocated at the first update
+
+    @property
+    def ring(self) -> bool:
+        return self.start + self.width < self.length
+
+    def _cover(self, pos: torch.Tensor) -> None:
+        """Grow a window that reaches the end to the left so that it holds ``pos`` (fresh slots)."""
+        if self.ring or not len(pos):
+            return
+        lowest = int(pos.min())
+        if lowest >= self.start:
+            return
+        extra = self.start - lowest
+        if self._log_prev is not None:
+            vocab = self._log_prev.shape[-1]
+            fresh = _log_eps(self.device).expand(self.rows, extra, vocab)
+            grown = torch.cat([fresh, self._log_prev.view(self.rows, self.width, vocab)], dim=1)
+            self._log_prev = grown.view(self.rows * (self.width + extra), vocab)
+        self.start, self.width = lowest, self.width + extra
 
     def _slots(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return rows * self.width + (pos - self.start) % self.width
@@ -240,23 +328,13 @@ class StabilityTracker:
             self._scratch = torch.empty((3, self._chunk[0], vocab), dtype=torch.float64, device=self.device)
         return self._log_prev
 
-    @staticmethod
-    def _read(logits, rows, read, sel):
-        """Logits of entries ``sel`` (a slice or indices): rows of a pre-gathered ``[N, V]`` tensor, or
-        gathered from ``[rows, L, V]`` at ``(rows, read)``."""
-        return logits[sel] if logits.dim() == 2 else logits[rows[sel], read[sel]]
-
-    def _ranges(self, logits, rows, read, slots):
-        """Per range of entries (see ``_chunks``): ``(a, b, logits of entries a..b, their store rows as a view,
-        or None where they are not consecutive there)``. The entries' indices leave the device once."""
-        store = self._store(logits.shape[-1])
-        host = torch.stack((rows, read, slots)).cpu()
-        for a, b, run, row, at, slot in _chunks(*host, logits.dim() == 2, *self._chunk):
-            if run and logits.dim() == 3:
-                chunk = logits[row, at:at + b - a]
-            else:
-                chunk = self._read(logits, rows, read, slice(a, b))
-            yield a, b, chunk, (store[slot:slot + b - a] if run else None)
+    def _ranges(self, reader: _Reader, slots):
+        """Per range of entries (see ``_chunks``): ``(range, its logits, its store rows as a view or None where
+        they are not consecutive there)``. The entries' indices leave the device once."""
+        store = self._store(reader.logits.shape[-1])
+        host = torch.stack((reader.rows, reader.read, slots)).cpu()
+        for r in _chunks(*host, reader.dense, *self._chunk):
+            yield r, reader.range(r), (store[r.slot:r.slot + r.b - r.a] if r.run else None)
 
     def _log_probs(self, chunk, out):
         """``softmax(chunk.double())`` (in the scratch buffer, returned) and ``log(p + 1e-12)`` into ``out``."""
@@ -269,70 +347,82 @@ class StabilityTracker:
                low_precision_tokens: bool = False, read_pos: Optional[torch.Tensor] = None):
         """Advance positions ``(rows[i], pos[i])`` (in ``nonzero()`` order) by one step.
 
-        ``logits`` is either ``[N, V]`` (row i belongs to position i) or the whole ``[rows, length, V]``
-        output, read only at the positions given (or at ``read_pos``, e.g. a shifted view). The token of a
-        position is ``tokens[i]`` if given, else the argmax of the float64 softmax or, if
-        ``low_precision_tokens``, of the softmax in the logits' own dtype (upstream Dream's token): the
-        same index unless two probabilities are within rounding of each other, which is checked, and
-        then computed in that dtype.
+        ``logits``: ``[N, V]`` (row i belongs to entry i) or the whole ``[rows, length, V]`` output, read only
+        at the positions given (or at ``read_pos``, e.g. a shifted view). The token of a position is, by rule:
 
-        Returns ``(tokens, confidence, kl)``: the token, its float64 probability, and the KL to the
-        previous step, which is also pushed into the history.
+        - ``tokens[i]`` when given (LLaDA's noisy or EOS-aware argmax);
+        - else, with ``low_precision_tokens``, the argmax of the softmax in the logits' own dtype (Dream's):
+          the float64 argmax unless a runner-up is within rounding of it (checked), then computed in that dtype;
+        - else the argmax of the float64 softmax.
 
-        Runs of consecutive positions are read and written through views (no gather, no scatter); the
-        positions' indices leave the device once per call and the ranges are found without a loop over them.
+        Returns ``(tokens, confidence, kl)``: the token, its float64 probability, and the KL to the previous
+        step, which is also pushed into the history. Runs of consecutive positions are read and written
+        through views (no gather, no scatter).
         """
+        self._cover(pos)
         n = rows.shape[0]
+        reader = _Reader(logits, rows, pos if read_pos is None else read_pos)
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        read = pos if read_pos is None else read_pos
         out_tok = torch.empty(n, dtype=torch.long, device=self.device)
         conf = torch.empty(n, dtype=torch.float64, device=self.device)
         kl = torch.empty(n, dtype=torch.float64, device=self.device)
         near = torch.zeros(n, dtype=torch.bool, device=self.device) if low_precision_tokens else None
-        near_ratio = 1 - 8 * torch.finfo(logits.dtype).eps  # probabilities this close may tie once rounded
-        for a, b, chunk, prev in self._ranges(logits, rows, read, slots):
+        near_ratio = 1 - SAME_ROW_ULPS * torch.finfo(logits.dtype).eps
+        for r, chunk, prev in self._ranges(reader, slots):
+            a, b = r.a, r.b
             lp, w = self._scratch[1, :b - a], self._scratch[2, :b - a]
             p = self._log_probs(chunk, lp)  # p = softmax(logits.double()), lp = log(p + 1e-12)
             if tokens is not None:
-                tok = tokens[a:b]
-                torch.gather(p, -1, tok.unsqueeze(-1), out=conf[a:b].unsqueeze(-1))
+                out_tok[a:b] = tokens[a:b]
+                torch.gather(p, -1, tokens[a:b].unsqueeze(-1), out=conf[a:b].unsqueeze(-1))
+            elif low_precision_tokens:
+                conf[a:b], out_tok[a:b], runner_up = first_max(p, second=True)
+                torch.ge(runner_up, conf[a:b] * near_ratio, out=near[a:b])
             else:
-                if low_precision_tokens:  # a runner-up within rounding of the top may win once rounded
-                    top, tok, runner_up = first_max(p, second=True)
-                    torch.ge(runner_up, top * near_ratio, out=near[a:b])
-                else:
-                    top, tok = first_max(p)
-                conf[a:b] = top
-            out_tok[a:b] = tok
+                conf[a:b], out_tok[a:b] = first_max(p)
             # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
-            if prev is not None:  # in place in the store, which then takes this step's values
+            if prev is not None:  # a run: in place in the store, which then takes this step's values
                 torch.sum(torch.sub(lp, prev, out=prev).mul_(p), -1, out=kl[a:b])
                 prev.copy_(lp)
             else:
                 prev = torch.index_select(store, 0, slots[a:b], out=w)
                 torch.sum(torch.sub(lp, prev, out=w).mul_(p), -1, out=kl[a:b])
                 store.index_copy_(0, slots[a:b], lp)
-        if low_precision_tokens:  # near-ties (rare): the softmax in the logits' dtype decides, as upstream's
-            redo = near.nonzero().squeeze(-1)
-            if len(redo):
-                chunk = self._read(logits, rows, read, redo)
-                tok = torch.softmax(chunk, dim=-1).max(-1).indices
-                out_tok[redo] = tok
-                conf[redo] = torch.softmax(chunk.to(torch.float64), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        if low_precision_tokens:
+            self._redo_near_ties(reader, near.nonzero().squeeze(-1), out_tok, conf)
         h = self.history
         h[rows, pos] = torch.cat([h[rows, pos, 1:], kl.unsqueeze(-1)], dim=-1)
         return out_tok, conf, kl
 
+    @staticmethod
+    def _redo_near_ties(reader: _Reader, redo, out_tok, conf):
+        """Entries whose top two probabilities may swap once rounded (rare): the softmax in the logits'
+        dtype decides the token, as upstream's does; the confidence is that token's float64 probability."""
+        if not len(redo):
+            return
+        chunk = reader.at(redo)
+        tok = torch.softmax(chunk, dim=-1).max(-1).indices
+        out_tok[redo] = tok
+        conf[redo] = torch.softmax(chunk.to(torch.float64), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
     def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
         """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
+        self._cover(pos)
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        for a, b, chunk, prev in self._ranges(logits, rows, pos, slots):
-            lp = self._scratch[1, :b - a] if prev is None else prev  # runs: straight into the store
+        for r, chunk, prev in self._ranges(_Reader(logits, rows, pos), slots):
+            lp = self._scratch[1, :r.b - r.a] if prev is None else prev  # runs: straight into the store
             self._log_probs(chunk, lp)
             if prev is None:
-                store.index_copy_(0, slots[a:b], lp)
+                store.index_copy_(0, slots[r.a:r.b], lp)
+
+    def reset(self, rows: torch.Tensor, pos: torch.Tensor):
+        """Forget positions (e.g. re-masked by a user's hook): they start afresh, as if never seen."""
+        self._cover(pos)
+        self.history[rows, pos] = 0.0
+        if self._log_prev is not None:
+            self._log_prev[self._slots(rows, pos)] = _log_eps(self.device)
 
     def stable(self, threshold: float) -> torch.Tensor:
         """``[rows, length]``: every value in the history is below ``threshold``."""
@@ -404,6 +494,54 @@ class StepRecorder:
         self.records.append(
             {"step": step, "decoded_tokens_num": len(done), "decoded_tokens": done, "all_tokens": every}
         )
+
+
+class Observer:
+    """KLASS-style step records of a run that is not KLASS's (``save_steps`` with upstream's algorithms).
+
+    ``observe`` takes each forward's input ids, the logits the sampler uses and its candidate positions, and
+    computes what KLASS would see there (argmax token, confidence, KL to the previous forward); the step is
+    closed by ``finish`` with the ids after it: the candidates no longer masked are the ones it unmasked.
+    Only the window given (``start``, ``width``) is tracked, as ``StabilityTracker`` does.
+    """
+
+    def __init__(self, mask_id: int, start: int, width: Optional[int] = None):
+        self.mask_id, self.start, self.width = mask_id, start, width
+        self.tracker: Optional[StabilityTracker] = None
+        self.recorder = StepRecorder()
+        self.pending = None
+        self.calls = 0
+
+    def observe(self, ids, logits, candidates, read_pos=None):
+        """One forward; ``logits`` as ``StabilityTracker.update`` reads them (``read_pos``: per position)."""
+        rows, length = ids.shape
+        if self.tracker is None:
+            width = self.width if self.width is not None else length - self.start
+            self.tracker = StabilityTracker(rows, length, self.start, width, 1, ids.device)
+        self.finish(ids)
+        r_idx, p_idx = candidates.nonzero(as_tuple=True)
+        read = None if read_pos is None else read_pos[p_idx]
+        tok, conf, kl = self.tracker.update(logits, r_idx, p_idx, read_pos=read)
+        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=ids.device)
+        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=ids.device)
+        full_conf[r_idx, p_idx], full_kl[r_idx, p_idx] = conf, kl
+        x0 = ids.clone()
+        x0[r_idx, p_idx] = tok
+        self.pending = (self.calls, candidates, x0, full_conf, full_kl)
+        self.calls += 1
+
+    def finish(self, ids_after):
+        """Close the pending step, if any."""
+        if self.pending is None:
+            return
+        step, cand, x0, conf, kl = self.pending
+        decided = cand & (ids_after != self.mask_id)
+        self.recorder.add(step, cand, x0, conf, kl, decided, decided_tokens=ids_after)
+        self.pending = None
+
+    @property
+    def records(self) -> List[dict]:
+        return self.recorder.records
 
 
 def write_steps_jsonl(records: Iterable[dict], path) -> None:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 
 from .core import (
     GenerateOutput,
-    KLASS_PARAMS,
     KlassConfig,
+    Observer,
     StabilityTracker,
     StepRecorder,
+    klass_options,
     low_precision_max_position,
     masks_left_warning,
     ready_mask,
@@ -32,25 +34,45 @@ from .core import (
 _CALL = contextvars.ContextVar("klass_patch_dream_call", default=None)
 
 
-def _alg_of(args, kwargs):
-    config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-    return kwargs.get("alg", getattr(config, "alg", None)), config
+# Upstream's algorithms (its _sample raises RuntimeError for any other, but only after the first forward).
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "klass")
 
 
-def diffusion_generate_wrapper(wrapped, instance, args, kwargs):
-    """Take KLASS's keyword arguments out of the call (upstream would drop them) and validate them."""
-    opts = {k: kwargs.pop(k) for k in (*KLASS_PARAMS, "save_steps") if k in kwargs}
-    alg, config = _alg_of(args, kwargs)
-    if alg == "klass":
-        KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
-    if not opts and alg != "klass":
-        return wrapped(*args, **kwargs)
-    hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
-    token = _CALL.set(dict(opts, hooks_given=any(h in kwargs for h in hooks)))
+def algorithms(module) -> tuple:
+    """The ``alg`` values ``module``'s ``_sample`` accepts: upstream's, KLASS, and any other a derived file
+    tests for (``alg == '...'``)."""
     try:
-        return wrapped(*args, **kwargs)
-    finally:
-        _CALL.reset(token)
+        source = inspect.getsource(module.DreamGenerationMixin._sample)
+    except (OSError, TypeError):
+        return ALGS
+    found = re.findall(r"""alg\s*==\s*['"]([\w-]+)['"]""", source)
+    return ALGS + tuple(a for a in dict.fromkeys(found) if a not in ALGS)
+
+
+def make_diffusion_generate_wrapper(module):
+    """The wrapt wrapper of ``DreamGenerationMixin.diffusion_generate``: takes KLASS's keyword arguments out
+    of the call (upstream would drop them) and checks ``alg`` and them, before any forward."""
+    algs = algorithms(module)
+
+    def wrapper(wrapped, instance, args, kwargs):
+        config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        config = config if config is not None else getattr(instance, "generation_config", None)
+        alg = kwargs["alg"] if "alg" in kwargs else getattr(config, "alg", None)  # as upstream resolves it
+        opts = klass_options(kwargs, alg, algs)
+        if "save_steps" in kwargs:
+            opts["save_steps"] = kwargs.pop("save_steps")
+        if alg == "klass":
+            KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
+        if not opts and alg != "klass":
+            return wrapped(*args, **kwargs)
+        hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
+        token = _CALL.set(dict(opts, hooks_given=any(h in kwargs for h in hooks)))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _CALL.reset(token)
+
+    return wrapper
 
 
 def make_sample_wrapper(module):
@@ -154,7 +176,12 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
         if recorder is not None:
             recorder.add(i, mask_index, x0, full_conf, full_kl, transfer)
         x = torch.where(transfer, x0, x)
+        decided = x != mask_id if hooks_given else None
         x = tokens_hook(i, x, logits)
+        if decided is not None:  # positions a user's hook masked again start afresh
+            remasked = decided & (x == mask_id)
+            if bool(remasked.any()):
+                tracker.reset(*remasked.nonzero(as_tuple=True))
         if histories is not None:
             histories.append(x.clone())
 
@@ -166,37 +193,37 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
 
 
 def observed_sample(wrapped, model, call, gc):
-    """Upstream's ``_sample`` untouched, with its own hooks used to record KLASS-style step records."""
+    """Upstream's ``_sample`` untouched, with its own hooks used to record KLASS-style step records. Only the
+    generated positions are tracked (from the first masked column; earlier ones if a user's hook masks them)."""
     a = call.arguments
     user_tokens, user_logits = a["generation_tokens_hook_func"], a["generation_logits_hook_func"]
-    recorder, state = StepRecorder(), {"tracker": None, "pending": None, "calls": 0}
     mask_id = gc.mask_token_id
+    state = {}
+
+    def observer(x):  # made at the first hook call, before any forward
+        if "observer" not in state:
+            masked = (x == mask_id).any(0).nonzero()
+            state["observer"] = Observer(mask_id, int(masked[0]) if len(masked) else 0)
+        return state["observer"]
+
+    def tokens_hook(i, x, logits):
+        decided = x != mask_id
+        x = user_tokens(i, x, logits)
+        seen = observer(x)
+        seen.finish(x)
+        remasked = decided & (x == mask_id)  # masked again by the user's hook: they start afresh
+        if seen.tracker is not None and bool(remasked.any()):
+            seen.tracker.reset(*remasked.nonzero(as_tuple=True))
+        return x
 
     def logits_hook(i, x, logits):
         logits = user_logits(i, x, logits)
-        if state["tracker"] is None:
-            state["tracker"] = StabilityTracker(x.shape[0], x.shape[1], 0, x.shape[1], 1, x.device)
-        cand = x == mask_id
-        r_idx, p_idx = cand.nonzero(as_tuple=True)
-        tok, conf, kl = state["tracker"].update(logits[r_idx, p_idx], r_idx, p_idx)
-        full = [torch.full(cand.shape, v, dtype=torch.float64, device=x.device) for v in (-math.inf, math.inf)]
-        full[0][r_idx, p_idx], full[1][r_idx, p_idx] = conf, kl
-        x0 = x.clone()
-        x0[r_idx, p_idx] = tok
-        state["pending"] = (i, cand, x0, full[0], full[1])
-        state["calls"] += 1
+        observer(x).observe(x, logits, x == mask_id)
         return logits
-
-    def tokens_hook(i, x, logits):
-        x = user_tokens(i, x, logits)
-        if state["pending"] is not None:
-            t, cand, x0, conf, kl = state["pending"]
-            recorder.add(t, cand, x0, conf, kl, cand & (x != mask_id), decided_tokens=x)
-            state["pending"] = None
-        return x
 
     a["generation_tokens_hook_func"], a["generation_logits_hook_func"] = tokens_hook, logits_hook
     out = wrapped(*call.args, **call.kwargs)
     seqs = out.sequences if gc.return_dict_in_generate else out
-    return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), state["calls"]),
-                          history=recorder.records)
+    seen = state.get("observer")
+    return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), seen.calls if seen else 0),
+                          history=seen.records if seen else [])

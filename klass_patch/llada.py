@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -19,8 +20,10 @@ import wrapt
 from .core import (
     GenerateOutput,
     KlassConfig,
+    Observer,
     StabilityTracker,
     StepRecorder,
+    klass_options,
     masks_left_warning,
     ready_mask,
     select_ready,
@@ -28,8 +31,6 @@ from .core import (
 
 EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to
 ALGS = (None, "default", "klass")
-REQUIRED_PARAMS = ("model", "prompt", "steps", "gen_length", "block_length", "temperature", "cfg_scale",
-                   "remasking", "mask_id")
 
 
 def _schedule(module, block_length: int, steps_per_block: int) -> list:
@@ -48,10 +49,11 @@ def check_lengths(prompt, steps, gen_length, block_length) -> tuple:
         raise ValueError(f"prompt must be a 2-D tensor of token ids [batch, length], got {type(prompt).__name__}"
                          + (f" of shape {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else ""))
     for name, v in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+    steps, gen_length, block_length = int(steps), int(gen_length), int(block_length)  # numpy ints too
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
@@ -67,6 +69,7 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     """KLASS decoding with LLaDA's blocks. ``module`` is the upstream ``generate`` module whose helpers
     (schedule, Gumbel noise) are used; arguments mean what they mean in upstream's ``generate``."""
     num_blocks, spb = check_lengths(prompt, steps, gen_length, block_length)
+    gen_length, block_length = int(gen_length), int(block_length)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
@@ -77,10 +80,8 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     length = plen + gen_length
     x = torch.full((rows, length), mask_id, dtype=torch.long, device=device)
     x[:, :plen] = prompt
-    pads = [0] * rows
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-        pads = (attention_mask.cumsum(-1) == 0).sum(-1).tolist()  # left padding of each row
         attention_mask = torch.cat(
             [attention_mask, torch.ones((rows, gen_length), dtype=attention_mask.dtype, device=device)], dim=-1)
     prompt_index = x != mask_id
@@ -121,17 +122,17 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
         in_block &= torch.tensor(active, device=device).unsqueeze(-1)
         cand = (x == mask_id) & in_block
         r_idx, p_idx = cand.nonzero(as_tuple=True)
-        source, tokens = logits, None  # read in place at the candidates, unless the logits are altered
-        if temperature > 0 or confidence_eos_eot_inf:
-            source = logits[r_idx, p_idx]
-            if temperature > 0:
-                tokens = add_gumbel_noise(source, temperature=temperature).argmax(-1)
-        if confidence_eos_eot_inf:  # upstream: these ids get no confidence (EOS only at temperature 0)
-            tokens = source.argmax(-1) if tokens is None else tokens
-            source[:, EOT_ID] = -torch.inf
+        tokens = None  # the float64 argmax, unless the token is chosen on other logits than the confidence
+        if temperature > 0:
+            tokens = add_gumbel_noise(logits[r_idx, p_idx], temperature=temperature).argmax(-1)
+        if confidence_eos_eot_inf:
+            # upstream: the token is chosen first, then EOT (and EOS at temperature 0) get no probability; p is
+            # computed after, so the same altered logits serve this step and the next block's first KL
+            tokens = logits[r_idx, p_idx].argmax(-1) if tokens is None else tokens
+            logits[:, :, EOT_ID] = -torch.inf
             if temperature == 0:
-                source[:, EOS_ID] = -torch.inf
-        tok, conf, kl = tracker.update(source, r_idx, p_idx, tokens)
+                logits[:, :, EOS_ID] = -torch.inf
+        tok, conf, kl = tracker.update(logits, r_idx, p_idx, tokens)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok
         full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
@@ -146,8 +147,8 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
         has_ready = ready.any(-1).tolist()
         for r in range(rows):
             if active[r] and not has_ready[r]:  # fallback: upstream's top-k by confidence in the block
-                _, top = torch.topk(full_conf[r, pads[r]:], k=k_of_step[step_in[r]])
-                transfer[r, top + pads[r]] = True
+                _, top = torch.topk(full_conf[r], k=k_of_step[step_in[r]])
+                transfer[r, top] = True
         transfer &= cand
         if recorder is not None:
             recorder.add(it, cand, x0, full_conf, full_kl, transfer)
@@ -182,59 +183,39 @@ class ObservedModel(wrapt.ObjectProxy):
     def __init__(self, model, prompt_len, gen_length, block_length, steps, cfg_scale, mask_id):
         super().__init__(model)
         num_blocks, spb = check_lengths(torch.zeros((1, prompt_len)), steps, gen_length, block_length)
-        self._self_cfg = (prompt_len, gen_length, block_length, spb, num_blocks, cfg_scale, mask_id)
-        self._self_tracker = None
-        self._self_recorder = StepRecorder()
-        self._self_pending = None
-        self._self_calls = 0
+        self._self_cfg = (prompt_len, int(block_length), spb, num_blocks, cfg_scale, mask_id)
+        self._self_observer = Observer(mask_id, prompt_len, min(int(gen_length), 2 * int(block_length)))
 
     def __call__(self, ids, *args, **kwargs):
         out = self.__wrapped__(ids, *args, **kwargs)
-        plen, gen_length, bl, spb, num_blocks, cfg_scale, mask_id = self._self_cfg
+        plen, bl, spb, num_blocks, cfg_scale, mask_id = self._self_cfg
         logits = out.logits
         if cfg_scale > 0.0:
             cond, uncond = torch.chunk(logits, 2, dim=0)
             logits, ids = uncond + (cfg_scale + 1) * (cond - uncond), torch.chunk(ids, 2, dim=0)[0]
-        rows, length = ids.shape
-        if self._self_tracker is None:
-            self._self_tracker = StabilityTracker(rows, length, plen, min(gen_length, 2 * bl), 1, ids.device)
-        self.finish(ids)
-        t = self._self_calls
-        block, step = divmod(t, spb)
+        observer = self._self_observer
+        block, step = divmod(observer.calls, spb)
         start = plen + block * bl
         cand = ids == mask_id
         cand[:, :start] = False
         cand[:, start + bl:] = False
-        r_idx, p_idx = cand.nonzero(as_tuple=True)
-        tok, conf, kl = self._self_tracker.update(logits, r_idx, p_idx)
-        full = [torch.full((rows, length), v, dtype=torch.float64, device=ids.device) for v in (-math.inf, math.inf)]
-        full[0][r_idx, p_idx], full[1][r_idx, p_idx] = conf, kl
-        x0 = ids.clone()
-        x0[r_idx, p_idx] = tok
-        if step == spb - 1 and block + 1 < num_blocks:
+        observer.observe(ids, logits, cand)
+        if step == spb - 1 and block + 1 < num_blocks:  # keep the next block's distributions for its first KL
             nxt = torch.arange(start + bl, start + 2 * bl, device=ids.device)
-            for r in range(rows):
-                self._self_tracker.remember(logits, torch.full_like(nxt, r), nxt)
-        self._self_pending = (t, cand, x0, full[0], full[1])
-        self._self_calls += 1
+            for r in range(ids.shape[0]):
+                observer.tracker.remember(logits, torch.full_like(nxt, r), nxt)
         return out
 
     def finish(self, ids_after):
-        """Close the pending step: the positions it unmasked are those no longer masked in ``ids_after``."""
-        if self._self_pending is None:
-            return
-        t, cand, x0, conf, kl = self._self_pending
-        decided = cand & (ids_after != self._self_cfg[-1])
-        self._self_recorder.add(t, cand, x0, conf, kl, decided, decided_tokens=ids_after)
-        self._self_pending = None
+        self._self_observer.finish(ids_after)
 
     @property
     def records(self):
-        return self._self_recorder.records
+        return self._self_observer.records
 
     @property
     def calls(self):
-        return self._self_calls
+        return self._self_observer.calls
 
 
 def make_generate_wrapper(module):
@@ -245,18 +226,16 @@ def make_generate_wrapper(module):
     """
 
     def wrapper(wrapped, instance, args, kwargs):
-        extra = {k: kwargs.pop(k) for k in ("alg", "save_steps", "return_dict_in_generate") if k in kwargs}
-        alg = extra.get("alg")
-        if alg not in ALGS:
-            raise ValueError(f"alg must be one of None, 'default', 'klass', got {alg!r} "
-                             "(upstream's strategies are chosen with remasking=)")
-        save_steps, as_dict = bool(extra.get("save_steps")), bool(extra.get("return_dict_in_generate"))
+        alg = kwargs.pop("alg", None)
+        save_steps = bool(kwargs.pop("save_steps", False))
+        as_dict = bool(kwargs.pop("return_dict_in_generate", False))
+        opts = klass_options(kwargs, alg, ALGS, hint=" (upstream's strategies are chosen with remasking=)")
         if alg != "klass" and not save_steps and not as_dict:
             return wrapped(*args, **kwargs)
         if save_steps and not as_dict:
             raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
                              "returned in .history")
-        config = KlassConfig.from_kwargs(kwargs) if alg == "klass" else None
+        config = KlassConfig.from_kwargs(opts) if alg == "klass" else None
         call = inspect.signature(wrapped).bind(*args, **kwargs)
         call.apply_defaults()
         a = call.arguments
@@ -264,12 +243,13 @@ def make_generate_wrapper(module):
             if a["remasking"] != "low_confidence":
                 raise ValueError("remasking must be 'low_confidence' with alg='klass' (its fallback is top-k by "
                                  f"confidence), got {a['remasking']!r}")
-            return klass_generate(
+            out = klass_generate(
                 a["model"], a["prompt"], a.get("attention_mask"), steps=a["steps"], gen_length=a["gen_length"],
                 block_length=a["block_length"], temperature=a["temperature"], cfg_scale=a["cfg_scale"],
                 mask_id=a["mask_id"], logits_eos_inf=a.get("logits_eos_inf", False),
                 confidence_eos_eot_inf=a.get("confidence_eos_eot_inf", False), config=config,
                 save_steps=save_steps, module=module)
+            return out if as_dict else out.sequences  # upstream returns the tensor
         observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
                                  a["steps"], a["cfg_scale"], a["mask_id"]) if save_steps else None
         if observed is not None:

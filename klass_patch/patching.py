@@ -71,7 +71,7 @@ def _llada_attrs(module):
 
 def _dream_attrs(module):
     mixin = module.DreamGenerationMixin
-    return [(mixin, "diffusion_generate", dream.diffusion_generate_wrapper),
+    return [(mixin, "diffusion_generate", dream.make_diffusion_generate_wrapper(module)),
             (mixin, "_sample", dream.make_sample_wrapper(module))]
 
 
@@ -111,8 +111,10 @@ def _family_of(module) -> Optional[str]:
 def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
     target = TARGETS[family]
     with _lock:
-        if id(module) in _patched:
-            return _patched[id(module)][1]
+        if id(module) in _patched:  # again, e.g. re-executed by importlib.reload: wrap what is plain again
+            _, info, saved = _patched[id(module)]
+            _patched[id(module)] = (module, info, _wrap(target, module, saved))
+            return info
         missing = target.missing(module)
         if missing:
             msg = (f"klass_patch: cannot patch {module.__name__} as {family}: missing {', '.join(missing)}. "
@@ -135,14 +137,16 @@ def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
         return info
 
 
-def _wrap(target: _Target, module) -> List[tuple]:
-    """Wrap the target's objects of ``module``; returns ``(owner, name, original)`` of those it wrapped."""
-    saved = []
+def _wrap(target: _Target, module, saved: Optional[List[tuple]] = None) -> List[tuple]:
+    """Wrap the target's objects of ``module`` that are not wrapped yet; returns ``saved`` (the
+    ``(owner, name, original)`` that revert puts back) with an entry for each, replacing any earlier entry
+    of the same owner and name (a reloaded module's new function is the one to put back)."""
+    saved = list(saved or [])
     for owner, name, wrapper in target.attributes(module):
         current = owner.__dict__[name]
         if isinstance(current, _KlassWrapper):  # already patched (e.g. a reloaded module's class)
             continue
-        saved.append((owner, name, current))
+        saved = [e for e in saved if not (e[0] is owner and e[1] == name)] + [(owner, name, current)]
         setattr(owner, name, _KlassWrapper(current, wrapper))
     return saved
 
@@ -178,12 +182,16 @@ def _module_of(obj):
         return obj
     if isinstance(obj, (types.FunctionType, wrapt.FunctionWrapper)):
         name = obj.__module__
-    else:
+    elif isinstance(obj, type) or hasattr(obj, "generation_config") or hasattr(obj, "diffusion_generate"):
         cls = obj if isinstance(obj, type) else type(obj)
         name = next((k.__module__ for k in cls.__mro__ if k.__name__ == "DreamGenerationMixin"), cls.__module__)
+    else:
+        raise IncompatibleUpstreamError(
+            f"klass_patch.apply() takes a module, a Dream model or model class, or LLaDA's generate function; "
+            f"got {type(obj).__name__} {obj!r:.80}")
     module = sys.modules.get(name)
     if module is None:
-        raise IncompatibleUpstreamError(f"klass_patch: cannot find the module of {obj!r} to patch")
+        raise IncompatibleUpstreamError(f"klass_patch: cannot find the module of {obj!r:.80} ({name}) to patch")
     return module
 
 
@@ -201,8 +209,9 @@ def apply(obj=None) -> List[PatchInfo]:
             family = _family_of(module)
             if family is None:
                 missing = {f: TARGETS[f].missing(module) for f in TARGETS}
+                passed = "" if obj is module else f" (the module of {obj!r:.80})"
                 raise IncompatibleUpstreamError(
-                    f"klass_patch: {module.__name__} is neither LLaDA's generate.py (missing "
+                    f"klass_patch: {module.__name__}{passed} is neither LLaDA's generate.py (missing "
                     f"{', '.join(missing['llada'])}) nor Dream's generation_utils.py (missing "
                     f"{', '.join(missing['dream'])})")
             return [_patch_module(module, family, explicit=True)]
@@ -214,21 +223,28 @@ def apply(obj=None) -> List[PatchInfo]:
         return patched()
 
 
-def patch_installed(namespace: dict, family: str, version: str) -> None:
-    """Called by a file that ``klass-patch install`` rewrote, at the end of its own import.
+class _Namespace:
+    """A module's globals seen as attributes: what a rewritten file that was executed without a module
+    object (``exec(source, namespace)``, or a module not in ``sys.modules``) offers to be patched."""
 
-    Wraps the module's objects exactly as ``apply(module)`` does, for good: ``revert()`` leaves them (the
-    file itself is what ``klass-patch revert`` restores).
-    """
-    name = namespace.get("__name__")
-    module = sys.modules.get(name)
+    def __init__(self, namespace: dict):
+        self.__dict__ = namespace
+
+
+def patch_installed(namespace: dict, family: str, version: str) -> None:
+    """Called by a file that ``klass-patch install`` rewrote, at the end of its own execution, with its
+    globals: however it was loaded (``import``, ``spec_from_file_location`` with or without ``sys.modules``,
+    ``exec``, ``importlib.reload``), its objects are wrapped exactly as ``apply(module)`` wraps them, for
+    good: ``revert()`` leaves them (the file itself is what ``klass-patch revert`` restores)."""
+    module = sys.modules.get(namespace.get("__name__"))
     if module is None or module.__dict__ is not namespace:
-        raise ImportError(f"klass_patch: {name} must be imported as a module to be patched")
-    setattr(module, INSTALLED_MARK, version)
+        module = _Namespace(namespace)
+    namespace[INSTALLED_MARK] = version
     target = TARGETS[family]
     missing = target.missing(module)
     if missing:
-        raise IncompatibleUpstreamError(f"klass_patch: {name} ({version}) lacks {', '.join(missing)}")
+        raise IncompatibleUpstreamError(f"klass_patch: {namespace.get('__name__')} ({version}) lacks "
+                                        f"{', '.join(missing)}")
     target.gate()
     _wrap(target, module)
 

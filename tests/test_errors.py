@@ -48,9 +48,58 @@ def test_dream_bad_input(bad, message):
     assert model.calls == 0
 
 
-def test_llada_klass_parameters_without_klass_keep_upstream_error():
+@pytest.mark.parametrize("extra", [dict(conf_threshold=0.5), dict(alg="default", kl_threshold=0.1),
+                                   dict(unmask_strategy="all", kl_history_length=3)], ids=str)
+def test_klass_parameters_without_klass_are_refused_by_both_families(extra):
+    """One rule (issue 11, item 14): a KLASS parameter without alg='klass' is a ValueError naming it, before any
+    forward (LLaDA's upstream raised TypeError, Dream's silently dropped it)."""
+    names = [k for k in extra if k != "alg"]
+    llada = load_file(STANDIN["llada"])
+    klass_patch.apply(llada)
+    model = ToyDenoiser()
+    with pytest.raises(ValueError, match=f"{names[0]}.*alg='klass'"):
+        llada.generate(model, torch.tensor([[3, 4]]), steps=8, gen_length=8, mask_id=63, **extra)
+    assert model.calls == 0
+    dream = load_file(STANDIN["dream"])
+    klass_patch.apply(dream)
+    model = dream_model(dream.DreamGenerationMixin, dream.DreamGenerationConfig(mask_token_id=63))
+    dream_extra = dict(extra, alg="maskgit_plus") if "alg" in extra else extra
+    with pytest.raises(ValueError, match=f"{names[0]}.*alg='klass'"):
+        model.diffusion_generate(torch.tensor([[3, 4]]), max_new_tokens=8, steps=8, **dream_extra)
+    assert model.calls == 0
+
+
+def test_dream_unknown_alg_is_refused_before_any_forward():
+    module = load_file(STANDIN["dream"])
+    klass_patch.apply(module)
+    model = dream_model(module.DreamGenerationMixin, module.DreamGenerationConfig(mask_token_id=63))
+    with pytest.raises(ValueError, match=r"alg must be one of 'origin', .*'klass', got 'klas'"):
+        model.diffusion_generate(torch.tensor([[3, 4]]), max_new_tokens=8, steps=8, alg="klas")
+    model.generation_config.alg = "nope"  # from the model's generation config, as upstream resolves it
+    with pytest.raises(ValueError, match="got 'nope'"):
+        model.diffusion_generate(torch.tensor([[3, 4]]), max_new_tokens=8, steps=8)
+    assert model.calls == 0
+
+
+def test_none_means_the_default():
     module = load_file(STANDIN["llada"])
     klass_patch.apply(module)
-    with pytest.raises(TypeError, match="conf_threshold"):
-        module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), steps=8, gen_length=8, mask_id=63,
-                        conf_threshold=0.5)
+    common = dict(steps=8, gen_length=8, block_length=8, mask_id=63, alg="klass")
+    a = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), **common)
+    b = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), conf_threshold=None, kl_threshold=None,
+                        kl_history_length=None, unmask_strategy=None, **common)
+    assert torch.equal(a, b)
+    plain = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), steps=8, gen_length=8, block_length=8, mask_id=63,
+                            conf_threshold=None)  # None without alg='klass' is no KLASS parameter at all
+    assert plain.shape == (1, 10)
+
+
+def test_llada_lengths_accept_numpy_ints():
+    np = pytest.importorskip("numpy")
+    module = load_file(STANDIN["llada"])
+    klass_patch.apply(module)
+    a = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), steps=np.int64(8), gen_length=np.int64(8),
+                        block_length=np.int32(4), mask_id=63, alg="klass")
+    b = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), steps=8, gen_length=8, block_length=4, mask_id=63,
+                        alg="klass")
+    assert torch.equal(a, b)

@@ -107,7 +107,6 @@ DREAM_CASES = {
     "entropy": dict(alg="entropy", temperature=0.3),
     "output_history": dict(alg="maskgit_plus", output_history=True, return_dict_in_generate=True),
     "dict without history": dict(alg="entropy", return_dict_in_generate=True),
-    "invalid alg": dict(alg="nope"),
 }
 
 
