@@ -66,3 +66,33 @@ def test_mbpp_programs():
     assert run_program(mbpp_program(add, add["code"])).passed
     assert run_program(mbpp_program(add, "def add(a, b):\n    return a - b")).status == "failed: AssertionError"
     assert run_program(mbpp_program(root, root["code"])).passed  # test_imports (import math) run first
+
+
+@posix_only
+def test_limits_set_by_the_child_not_by_preexec_fn(monkeypatch):
+    """No ``preexec_fn`` (Python between fork and exec can deadlock with torch's threads): the child's own
+    prologue sets the limits, and the program sees them; argv and __main__ are as under ``python prog.py``."""
+    import resource
+    import subprocess
+
+    calls = []
+    popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    expected = {}
+    for name, value in (("RLIMIT_AS", 512 * 1024 ** 2), ("RLIMIT_CPU", 3), ("RLIMIT_FSIZE", 16 * 1024 ** 2),
+                        ("RLIMIT_CORE", 0)):
+        hard = resource.getrlimit(getattr(resource, name))[1]  # the child inherits our hard limits
+        expected[name] = (value if hard == resource.RLIM_INFINITY else min(value, hard), hard)
+    program = ("import os, resource, sys\n"
+               f"for name, pair in {expected!r}.items():\n"
+               "    assert resource.getrlimit(getattr(resource, name)) == pair, (name, pair)\n"
+               "assert __name__ == '__main__' and sys.argv == [__file__]\n"
+               "assert os.path.basename(__file__) == 'program.py'\n"
+               "assert 'limits' not in globals() and 'runpy' not in globals()\n")
+    assert run_program(program, timeout=2.5, memory_mb=512).status == "passed"
+    assert len(calls) == 1 and calls[0].get("preexec_fn") is None

@@ -6,7 +6,7 @@ import pytest
 
 from fixtures.eval import toys
 from klass_patch.evaluation import CodeExecutionRefused, load_examples, resolve_settings, run_eval
-from klass_patch.evaluation.runner import load_results
+from klass_patch.evaluation.runner import load_results, rows_per_call
 from klass_patch.toy import llada_generate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -155,6 +155,36 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
     run_eval(toys.llada_toy(), tokenizer, examples("gsm8k"), settings("llada", "gsm8k", batch_size=2), tmp_path,
              generate_fn=llada_generate, progress=False)
     assert len(records(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_random_sampling_same_text_at_any_batch_size_and_on_resume(tmp_path, tokenizer, family):
+    """At temperature > 0 example i draws from its own seed (seed + i): batch sizes 1, 2 and 3, and a run
+    stopped after one example then resumed, write the same texts; another seed writes others."""
+    said = []
+
+    def generations(out, seed=0, batch_size=1, limit=None):
+        s = settings(family, "gsm8k", temperature=2.0, seed=seed, batch_size=batch_size)
+        run_eval(toy(family), tokenizer, examples("gsm8k", limit), s, tmp_path / out, generate_fn=llada_generate,
+                 progress=False, log=said.append)
+        return [r["generation"] for r in records(tmp_path / out)]
+
+    alone = generations("alone")
+    assert generations("other_seed", seed=1) != alone  # the toy's texts do depend on the random draws
+    assert generations("batch2", batch_size=2) == alone
+    assert generations("batch3", batch_size=3) == alone
+    assert generations("resumed", batch_size=2, limit=1) == alone[:1]  # stopped after example 0
+    assert generations("resumed", batch_size=2) == alone
+    assert any("each example is generated alone" in m for m in said)
+
+
+def test_batches_only_where_nothing_is_drawn_at_random():
+    assert rows_per_call(settings("llada", "gsm8k", batch_size=4)) == 4  # temperature 0: batched
+    assert rows_per_call(settings("llada", "gsm8k", batch_size=4, temperature=0.5)) == 1
+    assert rows_per_call(settings("llada", "gsm8k", batch_size=4, alg="random")) == 1
+    assert rows_per_call(settings("dream", "gsm8k", batch_size=4)) == 1  # Dream's default temperature 0.2
+    assert rows_per_call(settings("dream", "gsm8k", batch_size=4, temperature=0.0)) == 4
+    assert rows_per_call(settings("dream", "gsm8k", batch_size=4, temperature=0.0, alg="origin")) == 1
 
 
 def test_load_results_repairs_the_file(tmp_path):

@@ -32,7 +32,10 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--data", metavar="PATH", help="local JSON / JSONL(.gz) file (default: the public dataset, "
                                                   "through the `datasets` library)")
     g.add_argument("--limit", type=int, metavar="N", help="first N examples only")
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="examples per model call (default 1); where sampling is random (temperature > 0, alg "
+                        "random / origin) examples run one at a time, each with its own seed, so that the text "
+                        "does not depend on the batch size")
     g.add_argument("--out", metavar="DIR", help="output folder (default: eval_results/<model>/<dataset>/<method>)")
     g.add_argument("--allow-code-execution", action="store_true",
                    help="needed for humaneval and mbpp: run the generated code against the tests")

@@ -1,11 +1,13 @@
 """Running model-written code against a benchmark's tests, in a separate process.
 
-Each program runs as ``python -I program.py`` (``sys.executable``, isolated mode: no user site, no
-environment variables of ours, no current directory on the path) in a fresh temporary directory, with
-a wall-clock timeout, and on POSIX with ``resource`` limits set before it starts: address space, CPU
-seconds, size of files it writes, no core dumps. Its whole process group is killed on timeout. This
-contains accidents (endless loops, memory blow-ups, stray files), not a determined attacker: run
-untrusted models in a container or VM.
+Each program runs as ``python -I -c PROLOGUE program.py`` (``sys.executable``, isolated mode: no user
+site, no environment variables of ours, no current directory on the path) in a fresh temporary
+directory, with a wall-clock timeout. The prologue sets, on POSIX, the ``resource`` limits (address
+space, CPU seconds, size of files it writes, no core dumps), then runs ``program.py`` as ``__main__``
+(``runpy.run_path``). The limits are set by the child itself, not by a ``preexec_fn``: that runs Python
+between fork and exec, which can deadlock in a parent with threads (torch's, a tokenizer's). Its whole
+process group is killed on timeout. This contains accidents (endless loops, memory blow-ups, stray
+files), not a determined attacker: run untrusted models in a container or VM.
 
 The programs are built as the authors' harnesses build them: HumanEval as ``human_eval/execution.py``
 (prompt + completion + tests + ``check(entry_point)``); MBPP as ``evaluate_task`` of their
@@ -29,18 +31,28 @@ class ExecResult:
     status: str  # "passed", "failed: <last line of stderr>", "timed out"
 
 
-def _limits(timeout: float, memory_mb: int):
-    def apply():  # runs in the child between fork and exec
-        import resource
+# What the child runs first: set the limits ((name, value) pairs; a hard limit is kept and caps the
+# value), then run the program as __main__, with its own namespace and sys.argv == [program.py].
+PROLOGUE = """\
+import runpy, sys
+limits = {limits!r}
+if limits:
+    import resource
+for name, value in limits:
+    limit = getattr(resource, name)
+    _, hard = resource.getrlimit(limit)
+    resource.setrlimit(limit, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
-        mem = memory_mb * 1024 * 1024
-        cpu = int(timeout) + 1
-        for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
-                             (resource.RLIMIT_FSIZE, 16 * 1024 * 1024), (resource.RLIMIT_CORE, 0)):
-            soft, hard = resource.getrlimit(limit)
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(limit, (value, hard))
-    return apply
+
+def _limits(timeout: float, memory_mb: int) -> list:
+    """(``resource`` name, soft limit) pairs; none off POSIX."""
+    if os.name != "posix":
+        return []
+    return [("RLIMIT_AS", memory_mb * 1024 * 1024), ("RLIMIT_CPU", int(timeout) + 1),
+            ("RLIMIT_FSIZE", 16 * 1024 * 1024), ("RLIMIT_CORE", 0)]
 
 
 def run_program(program: str, timeout: float = 3.0, memory_mb: int = MEMORY_MB) -> ExecResult:
@@ -54,10 +66,10 @@ def run_program(program: str, timeout: float = 3.0, memory_mb: int = MEMORY_MB) 
         with open(path, "w", encoding="utf-8") as f:
             f.write(program)
         env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+        prologue = PROLOGUE.format(limits=_limits(timeout, memory_mb))
         proc = subprocess.Popen(
-            [sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=posix,
-            preexec_fn=_limits(timeout, memory_mb) if posix else None)
+            [sys.executable, "-I", "-c", prologue, path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=posix)
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

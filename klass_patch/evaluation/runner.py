@@ -11,6 +11,12 @@ Output folder:
   wall time, all settings, package versions (and what klass-patch patched); ``complete`` says whether
   every example is done; ``run`` holds what a resumed run must match.
 - ``steps/<id>.jsonl`` with ``save_steps``: the example's step records (``klass_patch.write_steps_jsonl``).
+
+Reproducibility: example ``i`` (its index in ``examples``) is generated after ``torch.manual_seed(seed + i)``,
+whatever the batch size and whether the run was resumed. The samplers draw one random stream for all the
+rows of a batch, so where sampling is random (temperature > 0, LLaDA ``random`` remasking, Dream ``origin``)
+each example is generated alone, whatever ``batch_size`` says; batches are used only where sampling draws
+no random numbers, and there a row comes out as alone (up to the rounding of batched model forwards).
 """
 from __future__ import annotations
 
@@ -36,7 +42,25 @@ from .settings import CODE_DATASETS, Settings
 RESULTS, SUMMARY, STEPS = "results.jsonl", "summary.json", "steps"
 LLADA_MASK_ID = 126336
 # Settings that do not change what a run generates: a run may be resumed with other values of these.
+# (batch_size: see rows_per_call.)
 NOT_IN_RUN_KEY = ("batch_size", "save_steps")
+
+
+def draws_random(settings: Settings) -> bool:
+    """Whether the sampler draws random numbers: temperature > 0, LLaDA ``random`` remasking, Dream ``origin``."""
+    return settings.temperature > 0 or settings.alg in ("random", "origin")
+
+
+def rows_per_call(settings: Settings) -> int:
+    """Examples per sampler call: ``batch_size``, or 1 where sampling is random. The rows of a batch share
+    one torch random stream, so a row's draws would depend on the other rows; alone, each example draws
+    from its own seed (``example_seed``) and gives the same text at any ``batch_size``, resumed or not."""
+    return 1 if draws_random(settings) else settings.batch_size
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The torch seed of example ``index`` (its position in the examples) in a run with ``seed``."""
+    return seed + index
 
 
 class CodeExecutionRefused(ValueError):
@@ -180,7 +204,7 @@ class _Generator:
                                  "generate.py, e.g. klass_patch.toy.llada_generate")
             self.fn = llada_generate_of(generate_fn)
             self.takes_mask = "attention_mask" in inspect.signature(self.fn).parameters
-            if settings.batch_size > 1 and not self.takes_mask:
+            if rows_per_call(settings) > 1 and not self.takes_mask:
                 raise ValueError("batch_size (--batch-size) > 1 needs a LLaDA generate() that takes "
                                  "attention_mask (the 2025-10 generate.py); use --batch-size 1 with this one")
         else:
@@ -255,6 +279,10 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
     generator = _Generator(model, s, generate_fn)
     if not examples:
         raise ValueError("no examples to evaluate (check --data and --limit)")
+    rows = rows_per_call(s)
+    if rows < s.batch_size:
+        log(f"batch_size {s.batch_size}: sampling is random here (temperature {s.temperature}, alg {s.alg}), so "
+            "each example is generated alone, with its own seed, to give the same text at any batch size")
 
     out = Path(out_dir)
     run = make_run(s, model_name or type(model).__name__, data_source)
@@ -278,12 +306,12 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
     device = getattr(model, "device", "cpu")
     try:
         with open(out / RESULTS, "a", encoding="utf-8") as f:
-            for start in range(0, len(pending), s.batch_size):
-                batch = pending[start:start + s.batch_size]
+            for start in range(0, len(pending), rows):
+                batch = pending[start:start + rows]
                 prompts = [tokenizer.apply_chat_template(messages(s.dataset, ex), add_generation_prompt=True,
                                                          tokenize=False) for _, ex in batch]
                 ids, mask = encode(tokenizer, prompts, s.family, device)
-                torch.manual_seed(s.seed + batch[0][0])  # a batch's random stream depends on its first example
+                torch.manual_seed(example_seed(s.seed, batch[0][0]))  # several rows: nothing drawn at random
                 _sync(device)
                 t0 = time.perf_counter()
                 sequences, used, history = generator(ids, mask)
