@@ -340,3 +340,45 @@ def test_dream_remasked_positions_start_afresh_and_alias_nothing(path, alg):
                 remasked.get(e["position"]) == rec["step"]
             assert (e["kl_divergence"] > 10) if fresh else (e["kl_divergence"] == 0.0), (alg, rec["step"], e)
     assert remasked and all(first_seen[p] < remasked[p] for p in remasked if p != 3)
+
+
+# ----------------------------------------------------------------------- save_steps on upstream's algorithms
+def _seeded(run, seed=7):
+    torch.manual_seed(seed)
+    out = run()
+    return out, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("path", sources("llada"))
+@pytest.mark.parametrize("extra", [dict(), dict(remasking="random", temperature=0.7), dict(cfg_scale=1.0)], ids=str)
+def test_llada_save_steps_observes_upstream_without_changing_it(path, extra):
+    """Non-KLASS save_steps: upstream's outputs and random stream exactly, plus one record per forward whose
+    unmasked positions are the ones upstream unmasked."""
+    plain, patched = load_file(path), _llada(path)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    model = _toy_llada()
+    want, want_rng = _seeded(lambda: plain.generate(model, prompt, **LLADA, **extra))
+    out, rng = _seeded(lambda: patched.generate(model, prompt, save_steps=True, return_dict_in_generate=True,
+                                                **LLADA, **extra))
+    assert torch.equal(out.sequences, want) and torch.equal(rng, want_rng)
+    assert len(out.history) == int(out.used_steps[0]) == LLADA["steps"]
+    decided = sorted(e["position"] for rec in out.history for e in rec["decoded_tokens"])
+    assert decided == list(range(4, 12))
+    assert all(out.sequences[0, e["position"]] == e["token_id"] for rec in out.history for e in rec["decoded_tokens"])
+
+
+@pytest.mark.parametrize("path", sources("dream"))
+@pytest.mark.parametrize("extra", [dict(alg="maskgit_plus"), dict(alg="origin", temperature=0.5),
+                                   dict(alg="entropy", temperature=0.3, top_p=0.9)], ids=str)
+def test_dream_save_steps_observes_upstream_without_changing_it(path, extra):
+    needs_transformers(path)
+    plain, (patched, model) = load_file(path), _dream(path)
+    plain_model = dream_model(plain.DreamGenerationMixin, plain.DreamGenerationConfig(**DREAM_SPECIAL))
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    common = dict(max_new_tokens=8, steps=8, return_dict_in_generate=True, **extra)
+    want, want_rng = _seeded(lambda: plain_model.diffusion_generate(prompt, **common))
+    out, rng = _seeded(lambda: model.diffusion_generate(prompt, save_steps=True, **common))
+    assert torch.equal(out.sequences, want.sequences) and torch.equal(rng, want_rng)
+    assert len(out.history) == int(out.used_steps[0]) == 8
+    decided = sorted(e["position"] for rec in out.history for e in rec["decoded_tokens"])
+    assert decided == list(range(4, 12))
