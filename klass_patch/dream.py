@@ -6,6 +6,8 @@ step-index guard; a row with no ready position unmasks exactly one position, the
 positions of the confidence returned by upstream's ``sample_tokens`` (which samples at temperature > 0),
 writing the argmax token there. A row whose masks are gone makes no more forwards; the loop stops when
 no row has a mask left. Everything else (lengths, special tokens, attention mask, hooks) is upstream's.
+At temperature 0 each row of a batch comes out exactly as alone; at temperature > 0 the rows draw from
+one random stream, as upstream's do, so a row is reproducible with the same batch and seed, not alone.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ its block is at least ``kl_history_length - 1``; a row with no ready position fa
 top-k by confidence, k from upstream's per-block schedule; a block whose masks are all gone ends
 without another forward. Rows of a batch keep their own block and step counters, so each row makes the
 forwards it would make alone.
+At temperature 0 each row of a batch comes out exactly as alone; at temperature > 0 the rows draw from
+one random stream, as upstream's do, so a row is reproducible with the same batch and seed, not alone.
 """
 from __future__ import annotations
 
