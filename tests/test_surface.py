@@ -31,7 +31,15 @@ def _dream(path):
     needs_transformers(path)
     module = load_file(path)
     klass_patch.apply(module)
-    return module, dream_model(module.DreamGenerationMixin, module.DreamGenerationConfig(**DREAM_SPECIAL))
+    return module, _real_config(dream_model(module.DreamGenerationMixin, module.DreamGenerationConfig(**DREAM_SPECIAL)))
+
+
+def _real_config(model):
+    """Real Dream files read the model config as a transformers config (to_dict)."""
+    transformers = pytest.importorskip("transformers")
+    model.config = transformers.PretrainedConfig(vocab_size=model.config.vocab_size, max_position_embeddings=512,
+                                                 **DREAM_SPECIAL)
+    return model
 
 
 def _toy_llada():
@@ -319,7 +327,7 @@ def test_dream_remasked_positions_start_afresh_and_alias_nothing(path, alg):
         pass
 
     prompt = torch.tensor([[3, 4, 5, 6]])
-    model = Model(module, 4 + 10)
+    model = _real_config(Model(module, 4 + 10))
     remasked = {}
 
     def hook(i, x, logits):  # at the first step (after the first) that decided a generated position
@@ -357,6 +365,8 @@ def test_llada_save_steps_observes_upstream_without_changing_it(path, extra):
     plain, patched = load_file(path), _llada(path)
     prompt = torch.tensor([[3, 4, 5, 6]])
     model = _toy_llada()
+    if "attention_mask" in inspect.signature(plain.generate).parameters:  # 2025-10's cfg needs one (upstream bug)
+        extra = dict(extra, attention_mask=torch.ones_like(prompt))
     want, want_rng = _seeded(lambda: plain.generate(model, prompt, **LLADA, **extra))
     out, rng = _seeded(lambda: patched.generate(model, prompt, save_steps=True, return_dict_in_generate=True,
                                                 **LLADA, **extra))
@@ -373,7 +383,7 @@ def test_llada_save_steps_observes_upstream_without_changing_it(path, extra):
 def test_dream_save_steps_observes_upstream_without_changing_it(path, extra):
     needs_transformers(path)
     plain, (patched, model) = load_file(path), _dream(path)
-    plain_model = dream_model(plain.DreamGenerationMixin, plain.DreamGenerationConfig(**DREAM_SPECIAL))
+    plain_model = _real_config(dream_model(plain.DreamGenerationMixin, plain.DreamGenerationConfig(**DREAM_SPECIAL)))
     prompt = torch.tensor([[3, 4, 5, 6]])
     common = dict(max_new_tokens=8, steps=8, return_dict_in_generate=True, **extra)
     want, want_rng = _seeded(lambda: plain_model.diffusion_generate(prompt, **common))
