@@ -12,6 +12,10 @@ Wrapping uses ``wrapt`` (signatures and introspection survive); revert puts the 
 ``apply()`` patches the matching modules already imported and, through a hook on the source loader's
 ``exec_module`` (used by ``import``, by ``importlib.util.spec_from_file_location`` loads and by Hugging
 Face's dynamic modules alike), every matching module loaded later. Both are idempotent.
+
+On transformers 5.x the same ``apply()`` and hook also put ``klass_patch.compat``'s shims on Dream's and LLaDA's
+remote code (every module, not only the targets above), so that it runs there as on 4.46.2; ``revert()`` undoes
+them, and ``klass_patch.compat.applied()`` says which are in place (``patched()`` lists only KLASS's targets).
 """
 from __future__ import annotations
 
@@ -24,9 +28,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import wrapt
-from packaging.version import Version
 
-from . import dream, llada
+from . import compat, dream, llada
 from .versions import dream_missing, identify_module, known_ids, llada_missing, module_file
 
 __all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "IncompatibleUpstreamError",
@@ -62,7 +65,7 @@ class _Target:
     looks_like: Callable[[types.ModuleType], bool]
     missing: Callable[[types.ModuleType], List[str]]
     attributes: Callable[[types.ModuleType], List[tuple]]  # (owner, name, wrapper) to wrap
-    gate: Callable[[], None] = lambda: None
+    gate: Callable[[types.ModuleType], None] = lambda module: None
 
 
 def _llada_attrs(module):
@@ -75,13 +78,21 @@ def _dream_attrs(module):
             (mixin, "_sample", dream.make_sample_wrapper(module))]
 
 
-def _dream_gate():
-    tf = sys.modules.get("transformers")
-    version = getattr(tf, "__version__", None)
-    if version and Version(version) >= Version("5"):
-        warnings.warn(f"transformers {version}: Dream's remote code is known to fail on transformers 5.x "
-                      "(and to load wrong rotary buffers silently); use 4.46.2 to 4.57.x", RuntimeWarning,
-                      stacklevel=4)
+def _dream_gate(module):
+    """On transformers 5.x Dream's remote code runs only with ``compat``'s shims: apply them to this module, and
+    warn if they do not apply to it, or if no import hook will apply them to the modeling code loaded later."""
+    version = compat.transformers_version()
+    if version is None or version.major < 5:
+        return
+    if not compat.apply_to(module):
+        problem = f"they do not apply to {module.__name__}, so expect failures (or use transformers 4.46.2 to 4.57.x)"
+    elif "original" not in _hook:
+        problem = ("only klass_patch.apply() with no argument, called before from_pretrained, applies them to the "
+                   "modeling code loaded later")
+    else:
+        return
+    warnings.warn(f"transformers {version}: Dream's remote code needs klass_patch.compat's shims, and {problem}",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _defines(module, name) -> bool:
@@ -123,7 +134,7 @@ def _patch_module(module, family: str, explicit: bool) -> Optional[PatchInfo]:
                 raise IncompatibleUpstreamError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             return None
-        target.gate()
+        target.gate(module)
         installed = getattr(module, INSTALLED_MARK, None)
         version = f"{installed} (installed file)" if installed else identify_module(module, family)
         path = module_file(module)
@@ -154,9 +165,11 @@ def _wrap(target: _Target, module, saved: Optional[List[tuple]] = None) -> List[
 def _after_exec(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     module = args[0] if args else kwargs.get("module")
-    family = _family_of(module) if module is not None else None
-    if family is not None:
-        _patch_module(module, family, explicit=False)
+    if module is not None:
+        compat.apply_to(module)
+        family = _family_of(module)
+        if family is not None:
+            _patch_module(module, family, explicit=False)
     return result
 
 
@@ -201,7 +214,9 @@ def apply(obj=None) -> List[PatchInfo]:
     With no argument: every matching module already imported, and every one imported later. With a
     module, class (e.g. a Dream model class), loaded model, or LLaDA ``generate`` function: that one's
     module (an incompatible one raises ``IncompatibleUpstreamError`` saying what is missing). Returns what
-    is patched. Calling it again changes nothing.
+    is patched. Calling it again changes nothing. On transformers 5.x it also applies ``klass_patch.compat``'s
+    shims: with no argument to all of Dream's and LLaDA's remote code, imported now or later (call it before
+    ``from_pretrained``); with a Dream module, class or model, to that module.
     """
     with _lock:
         if obj is not None:
@@ -217,9 +232,11 @@ def apply(obj=None) -> List[PatchInfo]:
             return [_patch_module(module, family, explicit=True)]
         _install_hook()
         for module in list(sys.modules.values()):
-            family = _family_of(module) if isinstance(module, types.ModuleType) else None
-            if family is not None:
-                _patch_module(module, family, explicit=False)
+            if isinstance(module, types.ModuleType):
+                compat.apply_to(module)
+                family = _family_of(module)
+                if family is not None:
+                    _patch_module(module, family, explicit=False)
         return patched()
 
 
@@ -245,14 +262,15 @@ def patch_installed(namespace: dict, family: str, version: str) -> None:
     if missing:
         raise IncompatibleUpstreamError(f"klass_patch: {namespace.get('__name__')} ({version}) lacks "
                                         f"{', '.join(missing)}")
-    target.gate()
+    target.gate(module)
     _wrap(target, module)
 
 
 def revert() -> None:
-    """Put back every original object and remove the import hook."""
+    """Put back every original object, undo ``compat``'s shims and remove the import hook."""
     with _lock:
         _remove_hook()
+        compat.revert()
         for module, info, saved in _patched.values():
             for owner, name, original in reversed(saved):
                 setattr(owner, name, original)
