@@ -9,10 +9,24 @@
 The algorithm is in ``klass_patch.core``; the family adapters in ``klass_patch.llada`` and
 ``klass_patch.dream``; the patching rules in ``klass_patch.patching``.
 """
-from .core import GenerateOutput, KlassConfig, write_steps_jsonl
-from .patching import (IncompatibleUpstreamError, PatchInfo, UnknownUpstreamWarning, apply, patch_installed, patched,
-                       revert)
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "KlassConfig", "GenerateOutput", "write_steps_jsonl",
-           "IncompatibleUpstreamError", "UnknownUpstreamWarning", "__version__"]
+# Imported on first use (PEP 562): the installer's commands (klass-patch install/status/revert) need neither
+# torch nor wrapt, and `import klass_patch` stays cheap until one of these is touched.
+_LAZY = {"apply": "patching", "revert": "patching", "patched": "patching", "patch_installed": "patching",
+         "PatchInfo": "patching", "IncompatibleUpstreamError": "patching", "UnknownUpstreamWarning": "patching",
+         "KlassConfig": "core", "GenerateOutput": "core", "write_steps_jsonl": "core"}
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

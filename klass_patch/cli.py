@@ -8,7 +8,8 @@
     klass-patch eval --model M --dataset gsm8k|math500|humaneval|mbpp [...]   the paper's evaluation
     klass-patch eval --compare DIR DIR ...         the paper's table from eval folders
     klass-patch plot-steps LOG|DIR                 which position was decided when (PNG)
-Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder.
+Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder
+(unknown versions found there are reported and skipped).
 """
 from __future__ import annotations
 
@@ -17,17 +18,26 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# install/status/revert need only the standard library: torch, wrapt and the evaluation modules are imported
+# by the commands that use them (a quick `klass-patch status`, and one that works where torch is missing).
+FILE_COMMANDS = ("install", "status", "revert")
 
-from .evaluation.cli import add_subcommands as add_eval_commands
-from .evaluation.cli import dispatch as dispatch_eval
-from .evaluation.settings import HISTORY_LENGTH, KLASS_DEFAULTS
 
-PAPER = {family: dict(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH)  # GSM8K
-         for (family, dataset), (conf, kl) in KLASS_DEFAULTS.items() if dataset == "gsm8k"}
+def _paper():
+    """The authors' GSM8K KLASS settings per family (``cli.PAPER``)."""
+    from .evaluation.settings import HISTORY_LENGTH, KLASS_DEFAULTS
+    return {family: dict(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH)
+            for (family, dataset), (conf, kl) in KLASS_DEFAULTS.items() if dataset == "gsm8k"}
+
+
+def __getattr__(name):  # PEP 562: PAPER imports the evaluation settings (and torch) only when asked for
+    if name == "PAPER":
+        return _paper()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _row(name, out, expected, seconds):
+    import torch
     per_step = [r["decoded_tokens_num"] for r in out.history]
     ok = "yes" if torch.equal(out.sequences[0, -len(expected):], expected) else "no"
     return (f"  {name:<32} forwards {int(out.used_steps[0]):>3}   correct {ok:<3}  {seconds * 1e3:6.1f} ms   "
@@ -36,10 +46,13 @@ def _row(name, out, expected, seconds):
 
 def demo(gen_length=32, steps=32, block_length=8) -> int:
     """KLASS against upstream's default sampler on the toy denoiser (stand-ins of both families)."""
+    import torch
+
     import klass_patch
     from klass_patch.toy import dream_generation, llada_generate
     from klass_patch.toy.models import ToyDenoiser, dream_model
 
+    paper = _paper()
     klass_patch.apply(llada_generate)
     klass_patch.apply(dream_generation)
     prompt = torch.tensor([[3, 4, 5, 6]])
@@ -53,7 +66,7 @@ def demo(gen_length=32, steps=32, block_length=8) -> int:
     model = ToyDenoiser()
     common = dict(steps=steps, gen_length=gen_length, block_length=block_length, mask_id=63,
                   return_dict_in_generate=True, save_steps=True)
-    for name, extra in (("upstream low_confidence", {}), ("KLASS " + _fmt(PAPER["llada"]), dict(alg="klass", **PAPER["llada"]))):
+    for name, extra in (("upstream low_confidence", {}), ("KLASS " + _fmt(paper["llada"]), dict(alg="klass", **paper["llada"]))):
         t = time.perf_counter()
         out = llada_generate.generate(model, prompt, **common, **extra)
         print(_row(name, out, expected, time.perf_counter() - t))
@@ -63,7 +76,7 @@ def demo(gen_length=32, steps=32, block_length=8) -> int:
     model = dream_model(dream_generation.DreamGenerationMixin, dream_generation.DreamGenerationConfig(**special))
     common = dict(max_new_tokens=gen_length, steps=steps, return_dict_in_generate=True, save_steps=True)
     for name, extra in (("upstream maskgit_plus", dict(alg="maskgit_plus")),
-                        ("KLASS " + _fmt(PAPER["dream"]), dict(alg="klass", **PAPER["dream"]))):
+                        ("KLASS " + _fmt(paper["dream"]), dict(alg="klass", **paper["dream"]))):
         t = time.perf_counter()
         out = model.diffusion_generate(prompt, **common, **extra)
         print(_row(name, out, expected, time.perf_counter() - t))
@@ -83,11 +96,12 @@ def files(command, dream, llada, dry_run=False) -> int:
     except installer.InstallError as e:
         print(f"klass-patch {command}: {e}", file=sys.stderr)
         return 2
-    if not targets:
+    discovered = not targets
+    if discovered:
         targets = installer.discover()
         print(f"klass-patch {command}: no --dream/--llada given; looked in {installer.hub_cache()}, "
               f"{installer.modules_cache()} and {Path.cwd()}: found {len(targets)} file(s)")
-    failed = 0
+    failed = skipped = 0
     for target in targets:
         try:
             if command == "status":
@@ -96,9 +110,19 @@ def files(command, dream, llada, dry_run=False) -> int:
                 print(installer.install(target, dry_run=dry_run).describe())
             else:
                 print(installer.revert(target).describe())
+        except installer.UnknownVersionError as e:
+            if not discovered:  # named on the command line: installing it failed
+                print(f"klass-patch {command}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            # found by discovery (a fine-tune's copy, an edited file): left alone, and the install goes on
+            print(f"{e.path} [{target.origin}]: skipped (sha256 {e.sha256}): {e.reason}")
+            skipped += 1
         except installer.InstallError as e:
             print(f"klass-patch {command}: {e}", file=sys.stderr)
             failed += 1
+    if skipped:
+        print(f"klass-patch {command}: skipped {skipped} file(s) of unknown versions, left as they are")
     return 1 if failed else 0
 
 
@@ -111,7 +135,11 @@ def main(argv=None) -> int:
     d.add_argument("--gen-length", type=int, default=32)
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--block-length", type=int, default=8)
-    add_eval_commands(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in FILE_COMMANDS:  # their options need the evaluation settings (and so torch)
+        from .evaluation.cli import add_subcommands
+        add_subcommands(sub)
     for name, text in (("install", "rewrite Dream's generation_utils.py / LLaDA's generate.py to accept alg='klass'"),
                        ("status", "say which upstream version each file is and whether it is patched"),
                        ("revert", "restore the original files byte for byte")):
@@ -125,9 +153,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.gen_length, args.steps, args.block_length)
-    if args.command in ("install", "status", "revert"):
+    if args.command in FILE_COMMANDS:
         return files(args.command, args.dream, args.llada, getattr(args, "dry_run", False))
-    rc = dispatch_eval(args)
+    from .evaluation.cli import dispatch
+    rc = dispatch(args)
     return 2 if rc is None else rc
 
 

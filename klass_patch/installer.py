@@ -4,11 +4,14 @@ A file is identified by its sha256 against the known upstream versions (``versio
 differ only in line endings, trailing spaces or the final newline are recognised by their normalised
 text). That version's vendored diff (``vendored_diffs/<family>/<version>.patch``) appends a short block
 that calls ``klass_patch.patch_installed`` at import time (so the rewritten file carries no copy of
-KLASS) and, where klass_patch is not importable, keeps every upstream call working and makes only
-``alg="klass"`` raise an error saying what to install. The result is checked against the sha256 the
+KLASS) and, where klass_patch is not installed, keeps every upstream call working and makes only
+``alg="klass"`` raise an error saying how to install it (a broken klass_patch raises its own error). The result is checked against the sha256 the
 diff records, then written atomically; the original stays next to the file as ``<name>.klass-orig``
 (a symlink stays a symlink: Hugging Face hub snapshots link into a shared ``blobs/``), and
 ``<name>.klass-patch.json`` records what was done. ``revert`` puts the original back byte for byte.
+A diff also lists, as ``# earlier result`` lines, what older klass-patch releases (older shims) wrote, so
+that files they rewrote are still recognised as patched, with or without their record. An unknown version
+raises ``UnknownVersionError`` (discovery reports and skips those; named files fail).
 
 Every change to a folder happens under an exclusive lock on that folder, in the order backup, file,
 record: an interruption anywhere leaves the original or the complete patched file, never half of one.
@@ -24,10 +27,10 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .files import atomic_write
-from .versions import KNOWN, UpstreamVersion, normalized_sha256, sha256
+from .versions import KNOWN, UpstreamVersion, identify_bytes, normalized_sha256, sha256
 
 try:
     import fcntl
@@ -35,6 +38,10 @@ except ImportError:  # not POSIX: no folder lock
     fcntl = None
 
 FILENAME = {"llada": "generate.py", "dream": "generation_utils.py"}
+LABEL = {"llada": "LLaDA's generate.py", "dream": "Dream's generation_utils.py"}
+# A line every version of a family has (and the other family lacks): how discovery and the error for a
+# file named with the wrong --dream/--llada tell the families apart.
+SIGNATURE = {"llada": "def get_num_transfer_tokens", "dream": "class DreamGenerationMixin"}
 BACKUP, RECORD = ".klass-orig", ".klass-patch.json"
 DIFFS = Path(__file__).resolve().parent / "vendored_diffs"  # installed package data
 if not DIFFS.is_dir():  # a source checkout
@@ -48,7 +55,10 @@ SHIM = {
 # Added by `klass-patch install`; `klass-patch revert` restores the original. Other calls are upstream's.
 try:
     from klass_patch import patch_installed as _klass_patch
-except ImportError:  # no klass_patch here: upstream's generate, and a clear error for alg="klass"
+except ModuleNotFoundError as _missing:  # no klass_patch here: upstream's generate, an error for alg="klass"
+    if _missing.name != "klass_patch":
+        raise  # klass_patch is there but broken (e.g. a dependency missing): say so, do not hide it
+
     def _klass_patch(namespace, family, version):
         import functools
         upstream = namespace["generate"]
@@ -56,8 +66,9 @@ except ImportError:  # no klass_patch here: upstream's generate, and a clear err
         @functools.wraps(upstream)
         def generate(*args, alg=None, **kwargs):
             if alg not in (None, "default"):
-                raise ImportError(f"generate(alg={{alg!r}}) needs the klass_patch package in this environment "
-                                  "(pip install klass-patch); this file was rewritten by `klass-patch install`")
+                raise ImportError(f"generate(alg={{alg!r}}) needs the klass_patch package in this environment; "
+                                  "install it from a klass-patch checkout (pip install /path/to/klass-patch, or "
+                                  "bash install.sh there). This file was rewritten by `klass-patch install`")
             return upstream(*args, **kwargs)
         namespace["generate"] = generate
 _klass_patch(globals(), "llada", "{version}")
@@ -68,7 +79,10 @@ _klass_patch(globals(), "llada", "{version}")
 # Added by `klass-patch install`; `klass-patch revert` restores the original. Other calls are upstream's.
 try:
     from klass_patch import patch_installed as _klass_patch
-except ImportError:  # no klass_patch here: upstream's algorithms, and a clear error for alg="klass"
+except ModuleNotFoundError as _missing:  # no klass_patch here: upstream's algorithms, an error for alg="klass"
+    if _missing.name != "klass_patch":
+        raise  # klass_patch is there but broken (e.g. a dependency missing): say so, do not hide it
+
     def _klass_patch(namespace, family, version):
         import functools
         upstream = DreamGenerationMixin.diffusion_generate
@@ -79,7 +93,8 @@ except ImportError:  # no klass_patch here: upstream's algorithms, and a clear e
             alg = kwargs.get("alg", getattr(config or getattr(self, "generation_config", None), "alg", None))
             if alg == "klass":
                 raise ImportError("diffusion_generate(alg='klass') needs the klass_patch package in this "
-                                  "environment (pip install klass-patch); this file was rewritten by "
+                                  "environment; install it from a klass-patch checkout (pip install "
+                                  "/path/to/klass-patch, or bash install.sh there). This file was rewritten by "
                                   "`klass-patch install`")
             return upstream(self, *args, **kwargs)
         DreamGenerationMixin.diffusion_generate = diffusion_generate
@@ -91,6 +106,15 @@ MARK = "# --- klass-patch "
 
 class InstallError(Exception):
     """A target that cannot be installed, reverted or read; the message says why and what to do."""
+
+
+class UnknownVersionError(InstallError):
+    """A file that is none of the known versions of its family: nothing is written. ``reason`` is the message
+    without the path and sha256 (discovery reports it as a skipped file)."""
+
+    def __init__(self, path: Path, digest: str, reason: str):
+        super().__init__(f"{path} (sha256 {digest}): {reason}")
+        self.path, self.sha256, self.reason = path, digest, reason
 
 
 # ----------------------------------------------------------------------------------------------- diffs
@@ -110,6 +134,8 @@ class Diff:
     version: str
     hunks: List[tuple]  # (old_start, old_lines, new_lines), lines without their endings
     results: Dict[str, str]  # normalised sha256 of an original -> normalised sha256 of its patched text
+    # (original, result) pairs of what earlier klass-patch releases (older shims) wrote: still recognised as patched
+    earlier: List[Tuple[str, str]] = field(default_factory=list)
 
     def apply(self, text: str) -> str:
         """Apply to ``text`` (any line endings; added lines take the file's). Context must match exactly,
@@ -138,27 +164,32 @@ def shim(family: str, version: str) -> str:
     return SHIM[family].format(version=version)
 
 
-def make_diff(family: str, version: str, originals: List[bytes], context: int = 2) -> str:
+def make_diff(family: str, version: str, originals: List[bytes], context: int = 2,
+              earlier: Iterable[Tuple[str, str]] = ()) -> str:
     """The vendored diff of a version: its first file's canonical text + the shim, as a unified diff with
-    ``context`` lines, and a header recording, for each original, the sha256 of the patched result."""
+    ``context`` lines, and a header recording, for each original, the sha256 of the patched result (and the
+    ``earlier`` results of older shims, original -> result, so that files they rewrote stay recognised)."""
     base = _canonical(originals[0])
     hunks = "".join(difflib.unified_diff(_lines(base), _lines(base + shim(family, version)),
                                          FILENAME[family], FILENAME[family], n=context))
     diff = parse_diff(hunks, family, version)
     header = [f"# klass-patch vendored diff: {family} {version}. Made by `python -m klass_patch.installer`\n"
-              "# from the upstream files; do not edit by hand. Results (normalised sha256):\n"]
-    for data in originals:
-        patched = diff.apply(_canonical(data)).encode()
-        header.append(f"# result {normalized_sha256(data)} -> {normalized_sha256(patched)}\n")
+              "# from the upstream files; do not edit by hand. Results (normalised sha256; 'earlier': what\n"
+              "# older klass-patch releases wrote, still recognised as patched):\n"]
+    results = {normalized_sha256(data): normalized_sha256(diff.apply(_canonical(data)).encode()) for data in originals}
+    header += [f"# result {a} -> {b}\n" for a, b in results.items()]
+    header += [f"# earlier result {a} -> {b}\n" for a, b in dict.fromkeys(earlier) if b not in results.values()]
     return "".join(header) + hunks
 
 
 def parse_diff(text: str, family: str, version: str) -> Diff:
-    hunks, results, current = [], {}, None
+    hunks, results, earlier, current = [], {}, [], None
     for line in text.splitlines():
-        m = re.match(r"# result ([0-9a-f]{64}) -> ([0-9a-f]{64})$", line)
-        if m:
-            results[m.group(1)] = m.group(2)
+        m = re.match(r"# (earlier )?result ([0-9a-f]{64}) -> ([0-9a-f]{64})$", line)
+        if m and m.group(1):
+            earlier.append((m.group(2), m.group(3)))
+        elif m:
+            results[m.group(2)] = m.group(3)
         elif line.startswith("@@"):
             start = int(re.match(r"@@ -(\d+)", line).group(1))
             current = (start, [], [])
@@ -171,7 +202,7 @@ def parse_diff(text: str, family: str, version: str) -> Diff:
         elif current is not None and line == "":  # an empty context line stripped of its space
             current[1].append("")
             current[2].append("")
-    return Diff(family, version, hunks, results)
+    return Diff(family, version, hunks, results, earlier)
 
 
 # --------------------------------------------------------------------------------------------- catalog
@@ -185,9 +216,7 @@ class Catalog:
         self.diffs = Path(self.diffs) if self.diffs is not None else DIFFS
 
     def identify(self, data: bytes, family: str) -> Optional[UpstreamVersion]:
-        raw, norm = sha256(data), normalized_sha256(data)
-        return next((v for v in self.versions if v.family == family
-                     and (raw == v.sha256 or norm == v.normalized_sha256)), None)
+        return identify_bytes(data, family, self.versions)
 
     def diff(self, family: str, version: str) -> Diff:
         path = self.diffs / family / f"{version}.patch"
@@ -196,13 +225,25 @@ class Catalog:
         return parse_diff(path.read_text(), family, version)
 
     def patched_version(self, data: bytes, family: str) -> Optional[str]:
-        """The version whose vendored diff produced ``data``, if one did."""
+        """The version whose vendored diff produced ``data`` (today's shim or an earlier one), if one did."""
         norm = normalized_sha256(data)
-        for version in sorted({v.id for v in self.versions if v.family == family}):
+        for version in self.ids(family):
             with contextlib.suppress(InstallError):
-                if norm in self.diff(family, version).results.values():
+                diff = self.diff(family, version)
+                if norm in diff.results.values() or norm in (result for _, result in diff.earlier):
                     return version
         return None
+
+    def other_family(self, data: bytes, family: str) -> Optional[str]:
+        """When ``data`` is not ``family``'s file but looks like the other family's: a sentence saying so."""
+        other = "dream" if family == "llada" else "llada"
+        known = self.identify(data, other)
+        version = known.id if known else self.patched_version(data, other)
+        text = data.decode("utf-8", errors="replace")
+        if version is None and (SIGNATURE[other] not in text or SIGNATURE[family] in text):
+            return None
+        what = f"{LABEL[other]} ({version})" if version else LABEL[other]
+        return f"it looks like {what}: pass it with --{other}, not --{family}"
 
     def ids(self, family: str) -> List[str]:
         return sorted({v.id for v in self.versions if v.family == family})
@@ -244,9 +285,9 @@ def modules_cache(env=os.environ) -> Path:
     return Path(explicit).expanduser() if explicit else _hf_home(env) / "modules"
 
 
-def _is_dream(path: Path) -> bool:
+def _is_family(path: Path, family: str) -> bool:
     with contextlib.suppress(OSError, UnicodeDecodeError):
-        return "class DreamGenerationMixin" in path.read_text()
+        return SIGNATURE[family] in path.read_text()
     return False
 
 
@@ -256,13 +297,14 @@ def discover(env=os.environ, cwd=None) -> List[Target]:
     found = []
     modules = modules_cache(env) / "transformers_modules"
     if modules.is_dir():
-        found += [Target("dream", p, "modules cache") for p in sorted(modules.rglob(FILENAME["dream"])) if _is_dream(p)]
+        found += [Target("dream", p, "modules cache") for p in sorted(modules.rglob(FILENAME["dream"]))
+                  if _is_family(p, "dream")]
     hub = hub_cache(env)
     if hub.is_dir():
         found += [Target("dream", p, "hub cache") for p in sorted(hub.glob(f"models--*/snapshots/*/{FILENAME['dream']}"))
-                  if _is_dream(p)]
+                  if _is_family(p, "dream")]
     local = Path(cwd or os.getcwd()) / FILENAME["llada"]
-    if local.is_file() and "def get_num_transfer_tokens" in local.read_text(errors="replace"):
+    if local.is_file() and _is_family(local, "llada"):
         found.append(Target("llada", Path(os.path.abspath(local)), "current directory"))
     return found
 
@@ -372,12 +414,13 @@ def install(target: Target, dry_run: bool = False, catalog: Optional[Catalog] = 
         st = state(target, catalog)
         if st.kind == "patched":
             return Result(target, "already patched", st.version, notes=["nothing changed"])
-        if st.kind == "unknown":
-            raise InstallError(
-                f"{target.path}: not a known {target.family} version (sha256 {st.sha256}); known: "
-                f"{', '.join(catalog.ids(target.family))}. Nothing was written. klass_patch.apply() patches a "
-                "compatible unknown version at run time instead (with a warning naming it).")
         original = target.path.read_bytes()
+        if st.kind == "unknown":
+            reason = catalog.other_family(original, target.family) or (
+                f"not a known {target.family} version; known: {', '.join(catalog.ids(target.family))}. "
+                "klass_patch.apply() patches a compatible unknown version at run time instead (with a warning "
+                "naming it)")
+            raise UnknownVersionError(target.path, st.sha256, f"{reason}. Nothing was written.")
         diff = catalog.diff(target.family, st.version)
         new = diff.apply(original.decode("utf-8")).encode("utf-8")
         expected = diff.results.get(normalized_sha256(original))
@@ -471,7 +514,11 @@ def main(argv=None) -> int:
             continue
         out = Path(args.out) / family / f"{version}.patch"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(make_diff(family, version, group))
+        earlier = []  # what the diff being replaced produced: files rewritten by it stay recognised as patched
+        if out.is_file():
+            old = parse_diff(out.read_text(), family, version)
+            earlier = old.earlier + list(old.results.items())
+        out.write_text(make_diff(family, version, group, earlier=earlier))
         print(f"wrote {out} ({len(group)} original(s))")
     return 0
 

@@ -10,7 +10,7 @@ import hashlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 # Stand-ins shipped with klass-patch (klass_patch.toy) declare themselves with this module attribute.
 STANDIN_MARK = "KLASS_PATCH_STANDIN"
@@ -63,9 +63,11 @@ def normalized_sha256(data: bytes) -> str:
     return sha256(text.encode("utf-8", errors="surrogateescape"))
 
 
-def identify_bytes(data: bytes, family: Optional[str] = None) -> Optional[UpstreamVersion]:
+def identify_bytes(data: bytes, family: Optional[str] = None,
+                   versions: Optional[Iterable[UpstreamVersion]] = None) -> Optional[UpstreamVersion]:
+    """The version (of ``family``, if given) among ``versions`` (default: ``KNOWN``) that ``data`` is."""
     raw, norm = sha256(data), normalized_sha256(data)
-    for v in KNOWN:
+    for v in KNOWN if versions is None else versions:
         if (family is None or v.family == family) and (raw == v.sha256 or norm == v.normalized_sha256):
             return v
     return None

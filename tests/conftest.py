@@ -1,12 +1,36 @@
+import atexit
 import importlib.util
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
 
-import klass_patch
+def _private_hf_caches():
+    """Point every Hugging Face cache at a temporary folder for this session, before anything imports
+    transformers / huggingface_hub (they read these variables at import time); subprocesses inherit them.
+    Models loaded with trust_remote_code copy their code into HF_MODULES_CACHE: never the user's."""
+    root = Path(tempfile.mkdtemp(prefix="klass-patch-tests-"))
+    owner = os.getpid()  # a forked child exiting must not remove it
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(root, ignore_errors=True))
+    hf = root / "huggingface"
+    os.environ.update(HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"), HF_MODULES_CACHE=str(hf / "modules"),
+                      HF_DATASETS_CACHE=str(hf / "datasets"), HF_ASSETS_CACHE=str(hf / "assets"),
+                      HF_XET_CACHE=str(hf / "xet"))
+    # older or aliased names that would win over the ones above
+    for name in ("HUGGINGFACE_HUB_CACHE", "HUGGINGFACE_ASSETS_CACHE", "TRANSFORMERS_CACHE",
+                 "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE"):
+        os.environ.pop(name, None)
+    return hf
+
+
+HF_TEMP = _private_hf_caches()
+
+import pytest  # noqa: E402
+
+import klass_patch  # noqa: E402
 
 TOY = Path(klass_patch.__file__).parent / "toy"
 STANDIN = {"llada": TOY / "llada_generate.py", "dream": TOY / "dream_generation.py"}

@@ -312,7 +312,8 @@ def test_installed_file_without_klass_patch(family, tmp_path, monkeypatch):
     module = load_file(target.path)
     assert not hasattr(module, "__klass_patch_installed__")
     assert torch.equal(run_upstream(module, family), run_upstream(load_file(STANDIN[family]), family))
-    with pytest.raises(ImportError, match="pip install klass-patch"):
+    with pytest.raises(ImportError, match=r"install it from a klass-patch checkout \(pip install /path/to/klass-patch"
+                                          r", or bash install.sh there\)"):
         run_klass(module, family)
 
 
@@ -355,3 +356,170 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a known llada version" in err and "llada-2025-10" in err
     assert target.path.read_bytes() == b"def generate(): pass\n"
+
+
+# ------------------------------------------------------------------------------ discovery, messages, shims
+def test_discovery_skips_unknown_versions_and_goes_on(tmp_path, monkeypatch, capsys):
+    """No --dream/--llada: an unknown Dream-derived file in the caches (a fine-tune's copy, an edited file) is
+    reported (path, sha256, why) and left alone; the known files are installed and the exit status is 0."""
+    catalog = standin_catalog(tmp_path / "diffs")
+    monkeypatch.setattr(installer, "KNOWN", catalog.versions)
+    monkeypatch.setattr(installer, "DIFFS", catalog.diffs)
+    modules = tmp_path / "hf" / "modules" / "transformers_modules"
+    edited = copy_standin("dream", modules / "fine-tune", STANDIN["dream"].read_bytes() + b"\n# edited\n")
+    known = copy_standin("dream", modules / "Org" / "Dream-Tiny")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_HUB_CACHE", "HF_MODULES_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = edited.path.read_bytes()
+    assert cli.main(["install"]) == 0
+    out = capsys.readouterr().out
+    assert f"{edited.path} [modules cache]: skipped (sha256 {sha256(before)}): not a known dream version" in out
+    assert "skipped 1 file(s)" in out and f"{known.path}: installed (standin-dream)" in out
+    assert edited.path.read_bytes() == before and installer.state(known, catalog).kind == "patched"
+    assert cli.main(["install", "--dream", str(edited.path)]) == 1  # named: still a failure
+    assert "not a known dream version" in capsys.readouterr().err
+
+
+def test_discovery_still_fails_on_a_known_file_that_cannot_be_installed(tmp_path, monkeypatch, capsys):
+    catalog = standin_catalog(tmp_path / "diffs")
+    monkeypatch.setattr(installer, "KNOWN", catalog.versions)
+    monkeypatch.setattr(installer, "DIFFS", catalog.diffs)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    for name in ("HF_HUB_CACHE", "HF_MODULES_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    target = copy_standin("llada", tmp_path / "work")
+    target.path.chmod(0o444)
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli.main(["install"]) == 1
+    assert "read-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("named,actual", [("dream", "llada"), ("llada", "dream")])
+def test_a_file_of_the_other_family_is_named_as_such(named, actual, tmp_path, capsys):
+    target = copy_standin(actual, tmp_path / "m")
+    target = Target(named, target.path)
+    label = {"llada": "LLaDA's generate.py", "dream": "Dream's generation_utils.py"}[actual]
+    with pytest.raises(InstallError, match=f"looks like {label}: pass it with --{actual}, not --{named}"):
+        installer.install(target)  # the real catalog: an unknown version of the other family
+    catalog = standin_catalog(tmp_path / "diffs")  # a known version of the other family is named
+    with pytest.raises(InstallError, match=rf"looks like {label} \(standin-{actual}\)"):
+        installer.install(target, catalog=catalog)
+    assert cli.main(["install", f"--{named}", str(target.path)]) == 1
+    assert f"pass it with --{actual}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_installed_file_with_a_broken_klass_patch_says_so(family, tmp_path):
+    """klass_patch importable but broken (here: wrapt missing): the rewritten file raises that error instead of
+    quietly falling back to upstream's code and blaming a missing klass_patch."""
+    import subprocess
+    from conftest import installed_copy
+    path = installed_copy(STANDIN[family], family, tmp_path / "m")
+    code = ("import sys, importlib.util; sys.modules['wrapt'] = None\n"
+            f"spec = importlib.util.spec_from_file_location('installed', {str(path)!r})\n"
+            "module = importlib.util.module_from_spec(spec); sys.modules['installed'] = module\n"
+            "spec.loader.exec_module(module)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr and "wrapt" in out.stderr, out.stderr
+
+
+def test_catalog_and_versions_identify_alike(tmp_path):
+    from klass_patch import versions
+    catalog = standin_catalog(tmp_path / "diffs")
+    for family in FAMILIES:
+        data = STANDIN[family].read_bytes()
+        assert catalog.identify(data, family) is versions.identify_bytes(data, family, catalog.versions)
+        assert versions.identify_bytes(data, family) is None and catalog.identify(data, "llada" if family == "dream"
+                                                                                   else "dream") is None
+
+
+# The shim klass-patch 0.1.0 appended (before its message named how to install from a checkout and before
+# a broken klass_patch stopped being hidden): files it rewrote must stay recognised as patched.
+OLD_SHIM = {
+    "llada": '''
+
+# --- klass-patch {version}: generate() also takes alg="klass" (KL-Adaptive Stability Sampling). ---
+# Added by `klass-patch install`; `klass-patch revert` restores the original. Other calls are upstream's.
+try:
+    from klass_patch import patch_installed as _klass_patch
+except ImportError:  # no klass_patch here: upstream's generate, and a clear error for alg="klass"
+    def _klass_patch(namespace, family, version):
+        import functools
+        upstream = namespace["generate"]
+
+        @functools.wraps(upstream)
+        def generate(*args, alg=None, **kwargs):
+            if alg not in (None, "default"):
+                raise ImportError(f"generate(alg={{alg!r}}) needs the klass_patch package in this environment "
+                                  "(pip install klass-patch); this file was rewritten by `klass-patch install`")
+            return upstream(*args, **kwargs)
+        namespace["generate"] = generate
+_klass_patch(globals(), "llada", "{version}")
+''',
+    "dream": '''
+
+# --- klass-patch {version}: diffusion_generate() also takes alg="klass" (KL-Adaptive Stability Sampling). ---
+# Added by `klass-patch install`; `klass-patch revert` restores the original. Other calls are upstream's.
+try:
+    from klass_patch import patch_installed as _klass_patch
+except ImportError:  # no klass_patch here: upstream's algorithms, and a clear error for alg="klass"
+    def _klass_patch(namespace, family, version):
+        import functools
+        upstream = DreamGenerationMixin.diffusion_generate
+
+        @functools.wraps(upstream)
+        def diffusion_generate(self, *args, **kwargs):
+            config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+            alg = kwargs.get("alg", getattr(config or getattr(self, "generation_config", None), "alg", None))
+            if alg == "klass":
+                raise ImportError("diffusion_generate(alg='klass') needs the klass_patch package in this "
+                                  "environment (pip install klass-patch); this file was rewritten by "
+                                  "`klass-patch install`")
+            return upstream(self, *args, **kwargs)
+        DreamGenerationMixin.diffusion_generate = diffusion_generate
+_klass_patch(globals(), "dream", "{version}")
+''',
+}
+
+
+def old_install(target: Target, version: str) -> bytes:
+    """What klass-patch 0.1.0's install left: the old shim appended, the backup, no record (e.g. lost)."""
+    original = target.path.read_bytes()
+    text = original.decode().replace("\r\n", "\n")
+    patched = ((text if text.endswith("\n") else text + "\n") + OLD_SHIM[target.family].format(version=version)).encode()
+    target.path.with_name(target.path.name + BACKUP).write_bytes(original)
+    target.path.write_bytes(patched)
+    return original
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_files_patched_by_an_earlier_shim_stay_recognised(family, tmp_path, monkeypatch):
+    """Regenerating the diffs after a shim change keeps the old results as 'earlier result' lines: files the
+    old shim wrote are still 'patched' (no record needed) and revert; a second regeneration changes nothing."""
+    upstream = tmp_path / "upstream" / family / "v"
+    upstream.mkdir(parents=True)
+    (upstream / FILENAME[family]).write_bytes(STANDIN[family].read_bytes())
+    catalog = standin_catalog(tmp_path / "unused")
+    monkeypatch.setattr(installer, "KNOWN", catalog.versions)
+    out = tmp_path / "diffs"
+    monkeypatch.setattr(installer, "SHIM", OLD_SHIM)
+    assert installer.main([str(tmp_path / "upstream"), "--out", str(out)]) == 0  # the diffs as released
+    monkeypatch.undo()
+    monkeypatch.setattr(installer, "KNOWN", catalog.versions)
+    installer.main([str(tmp_path / "upstream"), "--out", str(out)])  # today's shim
+    diff_file = out / family / f"standin-{family}.patch"
+    regenerated = diff_file.read_text()
+    assert regenerated.count("# earlier result ") == 1 and regenerated.count("# result ") == 1
+    installer.main([str(tmp_path / "upstream"), "--out", str(out)])
+    assert diff_file.read_text() == regenerated
+
+    catalog = installer.Catalog(catalog.versions, out)
+    target = copy_standin(family, tmp_path / "m")
+    original = old_install(target, f"standin-{family}")
+    st = installer.state(target, catalog)
+    assert (st.kind, st.version, st.record) == ("patched", f"standin-{family}", None)
+    assert installer.install(target, catalog=catalog).action == "already patched"
+    assert installer.revert(target, catalog=catalog).action == "reverted"
+    assert target.path.read_bytes() == original and installer.state(target, catalog).kind == "original"

@@ -150,3 +150,39 @@ def test_dream_end_to_end_from_pretrained(generation_utils, tmp_path):
     assert rewritten["maskgit_plus"]["sequences"] == untouched["maskgit_plus"]["sequences"]
     klass_patch_cli("revert", "--dream", str(installed), env=env)
     assert sha256((installed / "generation_utils.py").read_bytes()) == sha256(generation_utils.read_bytes())
+
+
+def _files():
+    files = [pytest.param(f, p, id=f"{f}-{p.parent.name}") for f in FILENAME for p in real_files(f)]
+    return files or [pytest.param(None, None, id="upstream", marks=pytest.mark.skip(reason=SKIP_MSG))]
+
+
+@pytest.mark.parametrize("family,path", _files())
+def test_files_rewritten_by_the_previous_shim_are_patched_and_revert(family, path, tmp_path):
+    """Files klass-patch 0.1.0 rewrote (its shim, the vendored diffs' 'earlier result' lines), without their
+    install record: status says patched, install leaves them, revert restores the original byte for byte."""
+    from klass_patch import installer
+    from test_installer import old_install
+    data = path.read_bytes()
+    version = installer.Catalog().identify(data, family).id
+    target = installer.Target(family, tmp_path / FILENAME[family])
+    target.path.write_bytes(data)
+    old_install(target, version)
+    st = installer.state(target)
+    assert (st.kind, st.version, st.record) == ("patched", version, None)
+    assert installer.install(target).action == "already patched"
+    assert installer.revert(target).action == "reverted"
+    assert sha256(target.path.read_bytes()) == sha256(data)
+
+
+@pytest.mark.parametrize("family,path", _files())
+def test_a_file_named_with_the_wrong_family_says_which_it_is(family, path, tmp_path, capsys):
+    from klass_patch import cli, installer
+    other = "dream" if family == "llada" else "llada"
+    version = installer.Catalog().identify(path.read_bytes(), family).id
+    copy = tmp_path / FILENAME[other]  # the other family's file name, as a user's folder would have it
+    shutil.copyfile(path, copy)
+    assert cli.main(["install", f"--{other}", str(copy)]) == 1
+    assert sha256(copy.read_bytes()) == sha256(path.read_bytes())
+    err = capsys.readouterr().err
+    assert f"looks like {installer.LABEL[family]} ({version}): pass it with --{family}, not --{other}" in err
