@@ -382,7 +382,7 @@ def test_llada_save_steps_observes_upstream_without_changing_it(path, extra):
                                    dict(alg="entropy", temperature=0.3, top_p=0.9)], ids=str)
 def test_dream_save_steps_observes_upstream_without_changing_it(path, extra):
     needs_transformers(path)
-    plain, (patched, model) = load_file(path), _dream(path)
+    plain, (_, model) = load_file(path), _dream(path)
     plain_model = _real_config(dream_model(plain.DreamGenerationMixin, plain.DreamGenerationConfig(**DREAM_SPECIAL)))
     prompt = torch.tensor([[3, 4, 5, 6]])
     common = dict(max_new_tokens=8, steps=8, return_dict_in_generate=True, **extra)
