@@ -1,11 +1,15 @@
 """Replay models for the golden traces (see tests/fixtures/golden/README.md)."""
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+# KLASS_PATCH_TEST_DEVICE=cuda replays on a GPU (model outputs, prompts and so every sampler tensor live there);
+# traces that sample (Dream at temperature > 0) need the CPU's random stream and are left out elsewhere.
+DEVICE = torch.device(os.environ.get("KLASS_PATCH_TEST_DEVICE", "cpu"))
 
 
 def load(name):
@@ -21,7 +25,7 @@ def full_logits(trace, t):
     sub = trace["subs"][t]  # [1, L, K]
     out = torch.full((*sub.shape[:2], trace["vocab_size"]), float(trace["fill"]), dtype=torch.float32)
     out[..., trace["active_ids"]] = sub
-    return out
+    return out.to(DEVICE)
 
 
 class ReplayModel:
@@ -30,11 +34,12 @@ class ReplayModel:
     def __init__(self, trace):
         self.trace = trace
         self.calls = 0
-        self.device = torch.device("cpu")
+        self.device = DEVICE
         self.lm_head = SimpleNamespace(out_features=trace["vocab_size"])
 
     def __call__(self, x, *args, **kwargs):
         t = self.calls
+        x = x.cpu()
         xs = self.trace["xs"]
         assert t < len(xs), f"forward {t}: the reference made only {len(xs)} forwards"
         diff = (x != xs[t]).nonzero().tolist() if x.shape == xs[t].shape else f"shape {tuple(x.shape)}"

@@ -8,7 +8,7 @@ import torch
 import klass_patch
 from compare import assert_steps_match
 from conftest import load_file, needs_transformers, sources
-from replay import DREAM_SPECIAL, GOLDEN, dream_kwargs, dream_replay_class, full_logits, reference_steps
+from replay import DEVICE, DREAM_SPECIAL, GOLDEN, dream_kwargs, dream_replay_class, full_logits, reference_steps
 
 PAD = {"llada": 126081, "dream": 151643}
 GROUPS = {}
@@ -27,12 +27,13 @@ class BatchReplay:
     def __init__(self, rows, pads):
         self.rows, self.pads = rows, pads
         self.calls = [0] * len(rows)
-        self.device = torch.device("cpu")
+        self.device = DEVICE
         self.lm_head = SimpleNamespace(out_features=rows[0]["vocab_size"])
 
     def __call__(self, x, *args, **kwargs):
         trace = self.rows[0]
-        out = torch.full((*x.shape, trace["vocab_size"]), float(trace["fill"]))
+        x = x.cpu()
+        out = torch.full((*x.shape, trace["vocab_size"]), float(trace["fill"]), device=DEVICE)
         for i, (tr, pad) in enumerate(zip(self.rows, self.pads)):
             ids = x[i, pad:]
             t = self.calls[i]
@@ -51,12 +52,12 @@ def batch_inputs(rows, pads, family):
     for i, (tr, pad) in enumerate(zip(rows, pads)):
         n = tr["prompt"].shape[1]
         prompt[i, width - n:], mask[i, width - n:] = tr["prompt"][0], 1
-    return prompt, mask, [width - tr["prompt"].shape[1] for tr in rows]
+    return prompt.to(DEVICE), mask.to(DEVICE), [width - tr["prompt"].shape[1] for tr in rows]
 
 
 def check_rows(out, model, rows, pads):
     for i, (tr, pad) in enumerate(zip(rows, pads)):
-        assert torch.equal(out.sequences[i, pad:], tr["output"][0]), f"row {i}"
+        assert torch.equal(out.sequences[i, pad:].cpu(), tr["output"][0]), f"row {i}"
         assert model.calls[i] == len(tr["xs"]) == int(out.used_steps[i]), f"row {i}"
         mine = []
         for rec in out.history[: len(tr["xs"])]:

@@ -5,13 +5,13 @@ import torch
 import klass_patch
 from compare import assert_steps_match
 from conftest import installed_copy, load_file, needs_transformers, sources
-from replay import DREAM_SPECIAL, ReplayModel, dream_kwargs, dream_replay_class, load, reference_steps, traces
+from replay import DEVICE, DREAM_SPECIAL, ReplayModel, dream_kwargs, dream_replay_class, load, reference_steps, traces
 
 
 def run_llada(module, trace):
     model = ReplayModel(trace)
     out = module.generate(
-        model, trace["prompt"], steps=trace["steps"], gen_length=trace["gen_length"],
+        model, trace["prompt"].to(DEVICE), steps=trace["steps"], gen_length=trace["gen_length"],
         block_length=trace["block_length"], temperature=trace["temperature"], mask_id=trace["mask_id"],
         alg="klass", conf_threshold=trace["conf_threshold"], kl_threshold=trace["kl_threshold"],
         kl_history_length=trace["kl_history_length"], unmask_strategy=trace["unmask_strategy"],
@@ -25,11 +25,11 @@ def run_dream(module, trace):
     torch.manual_seed(trace["seed"])
     kwargs = dream_kwargs(trace)
     config = module.DreamGenerationConfig(**DREAM_SPECIAL)
-    return model, model.diffusion_generate(trace["prompt"], generation_config=config, **kwargs)
+    return model, model.diffusion_generate(trace["prompt"].to(DEVICE), generation_config=config, **kwargs)
 
 
 def check(model, out, trace):
-    assert torch.equal(out.sequences, trace["output"])
+    assert torch.equal(out.sequences.cpu(), trace["output"])
     assert model.calls == len(trace["xs"])
     assert out.used_steps.tolist() == [len(trace["xs"])]
     assert_steps_match(out.history, reference_steps(trace), trace)
@@ -78,6 +78,8 @@ def test_dream_traces(path, how, tmp_path):
     import warnings
     for name in traces("dream"):
         trace = load(name)
+        if DEVICE.type != "cpu" and trace["temperature"] > 0:
+            continue  # its draws came from the CPU's random stream
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             model, out = run_dream(module, trace)
