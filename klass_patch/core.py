@@ -287,8 +287,9 @@ class StabilityTracker:
 
     Only a window of ``width`` positions per row, starting at ``start``, is tracked; a position ``pos``
     lives in slot ``(pos - start) % width``. A window narrower than what follows ``start`` (LLaDA: two
-    blocks) is a ring; one that reaches the end (Dream) grows to the left when an earlier position is
-    advanced or reset, so no two positions ever share a slot. For each slot the tracker keeps
+    blocks) is a ring; one that reaches the end (Dream) grows to the left when an earlier position is reset
+    (the only way one becomes a candidate: a user's hook masks it again), so no two positions share a slot;
+    ``update`` and ``remember`` never check, which keeps a device sync out of every step. For each slot the tracker keeps
     ``log(p_prev + 1e-12)`` in float64, the only vocabulary-sized state, and updates it in place.
     """
 
@@ -359,7 +360,6 @@ class StabilityTracker:
         step, which is also pushed into the history. Runs of consecutive positions are read and written
         through views (no gather, no scatter).
         """
-        self._cover(pos)
         n = rows.shape[0]
         reader = _Reader(logits, rows, pos if read_pos is None else read_pos)
         store = self._store(logits.shape[-1])
@@ -408,7 +408,6 @@ class StabilityTracker:
 
     def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
         """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
-        self._cover(pos)
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
         for r, chunk, prev in self._ranges(_Reader(logits, rows, pos), slots):
