@@ -12,6 +12,12 @@ and builds the model in one call, so the shims must be in place before it. ``kla
 applies them to the matching modules already imported and, through its import hook, to every module executed later;
 ``klass_patch.revert()`` undoes them; ``applied()`` says what is in place. On transformers < 5 nothing is applied.
 
+Installed route (a ``generation_utils.py`` rewritten by ``klass-patch install``, no ``apply()``): Dream's
+``modeling_dream.py`` imports that file before it defines its own classes, so no import hook can be in place before
+it runs. Instead, shimming a module that defines ``DreamGenerationMixin`` also gives the mixin an
+``__init_subclass__``: when ``modeling_dream.py`` defines ``DreamModel(DreamGenerationMixin, ...)``, its last class,
+the shims are applied to that module, before any model is built.
+
 Each entry of ``SHIMS``: name, family, the transformers versions that need it (a ``SpecifierSet``), what it fixes
 (one line), ``applies_to(module)`` and ``apply(module) -> undo records``; ``undo(records)`` is shared.
 """
@@ -407,9 +413,29 @@ def apply_to(module) -> List[str]:
             except Exception as exc:  # never break an import because of a shim
                 warnings.warn(f"klass_patch.compat: shim {shim.name} failed on {module.__name__}: {exc!r}",
                               RuntimeWarning, stacklevel=2)
-        if not names:
+        records += _shim_subclass_modules(module)
+        if not names and not records:
             del _applied[id(module)]
         return list(names)
+
+
+def _shim_subclass_modules(module) -> List[tuple]:
+    """If ``module`` defines ``DreamGenerationMixin``: give it an ``__init_subclass__`` that applies the shims to the
+    module of each class derived from it as it is defined (see "Installed route" above). Returns the undo records."""
+    mixin = _cls(module, "DreamGenerationMixin")
+    if mixin is None or "__init_subclass__" in mixin.__dict__:
+        return []
+
+    def __init_subclass__(cls, **kwargs):
+        super(mixin, cls).__init_subclass__(**kwargs)
+        derived = sys.modules.get(cls.__module__)
+        if derived is None or cls.__qualname__ != cls.__name__:  # not a module-level class of an imported module
+            return
+        derived.__dict__[cls.__name__] = cls  # what the class statement binds right after; the shims look it up
+        apply_to(derived)
+    setattr(__init_subclass__, _TAG, "modeling-module-hook")
+    mixin.__init_subclass__ = classmethod(__init_subclass__)
+    return [(mixin, "__init_subclass__", _MISSING)]
 
 
 def applied() -> Dict[str, List[str]]:

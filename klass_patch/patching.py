@@ -79,20 +79,13 @@ def _dream_attrs(module):
 
 
 def _dream_gate(module):
-    """On transformers 5.x Dream's remote code runs only with ``compat``'s shims: apply them to this module, and
-    warn if they do not apply to it, or if no import hook will apply them to the modeling code loaded later."""
+    """On transformers 5.x Dream's remote code runs only with ``compat``'s shims: apply them to this module (and,
+    through ``compat``'s subclass hook, to the ``modeling_dream.py`` that imports it); warn if they do not apply."""
     version = compat.transformers_version()
-    if version is None or version.major < 5:
-        return
-    if not compat.apply_to(module):
-        problem = f"they do not apply to {module.__name__}, so expect failures (or use transformers 4.46.2 to 4.57.x)"
-    elif "original" not in _hook:
-        problem = ("only klass_patch.apply() with no argument, called before from_pretrained, applies them to the "
-                   "modeling code loaded later")
-    else:
-        return
-    warnings.warn(f"transformers {version}: Dream's remote code needs klass_patch.compat's shims, and {problem}",
-                  RuntimeWarning, stacklevel=4)
+    if version is not None and version.major >= 5 and not compat.apply_to(module):
+        warnings.warn(f"transformers {version}: Dream's remote code needs klass_patch.compat's shims, and they do not "
+                      f"apply to {module.__name__}, so expect failures (or use transformers 4.46.2 to 4.57.x)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _defines(module, name) -> bool:

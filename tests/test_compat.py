@@ -199,9 +199,9 @@ def _python_path(python, tmp):
     return os.pathsep.join(paths)
 
 
-def _worker(python, tmp, *args):
+def _worker(python, tmp, *args, env=()):
     env = {**os.environ, "PYTHONPATH": _python_path(python, tmp), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", **dict(env)}
     done = subprocess.run([python, str(WORKER), *map(str, args)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{python} {WORKER.name} {' '.join(map(str, args))}:\n{done.stderr[-4000:]}"
     return done
@@ -289,6 +289,25 @@ def test_dream_on_transformers_5_equals_4_bitwise(report):
     dream = {k: v for k, v in report.items() if k.startswith("dream/") or k == "rng_state_after"}
     assert {"dream/logits", "dream/maskgit_plus_greedy", "dream/klass_greedy", "dream/klass_t0.2_p0.95"} <= set(dream)
     assert [k for k, v in dream.items() if v != "EQUAL"] == [], dream
+
+
+def test_installed_dream_on_transformers_5_equals_4_bitwise_without_apply(tiny, tf5, tmp_path):
+    """A Dream folder whose generation_utils.py `klass-patch install` rewrote loads, runs and generates (KLASS too) on
+    5.x in a fresh process that never calls apply(), bitwise as 4.x with apply()."""
+    import shutil
+    from klass_patch import installer
+    folder = tmp_path / "models" / "dream"
+    shutil.copytree(tiny.models / "dream", folder)
+    result = installer.install(installer.resolve("dream", folder), env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.action == "installed", result.describe()
+    # a modules cache of its own: the original folder's copy of generation_utils.py (also "dream") would shadow it
+    _worker(tf5, tiny.tmp, "run", folder.parent, tmp_path / "installed.pt",
+            env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    installed = torch.load(tmp_path / "installed.pt", weights_only=False)
+    report = _report({k: v for k, v in tiny.tf4.items() if k.startswith("dream/")},
+                     {k: v for k, v in installed.items() if k.startswith("dream/")})
+    assert {"dream/logits", "dream/klass_greedy", "dream/klass_t0.2_p0.95"} <= set(report)
+    assert [k for k, v in report.items() if v != "EQUAL"] == [], report
 
 
 def test_llada_on_transformers_5_equals_4_bitwise(tiny, report):
