@@ -99,8 +99,8 @@ def _d1_rope_default(m):
 
 
 def _d2_validate_kwargs(m):
-    # 5.x calls validate(user_set_attributes=...) from update()/__init__ and validate(strict=...) from
-    # save_pretrained(); Dream's validate(self, is_init=False) is a no-op: keep it one for any arguments.
+    # 5.x calls validate(strict=...) from save_pretrained() and, in later versions (5.23), validate(user_set_attributes=
+    # ...) from update() while loading; Dream's validate(self, is_init=False) is a no-op: keep it one for any arguments.
     cls = m.DreamGenerationConfig
     original = cls.__dict__["validate"]
 
@@ -171,7 +171,7 @@ def _d5_legacy_defaults(m):
 
 
 def _d6_tied_weights_mapping(m):
-    # 5.x wants {target: source} (save_pretrained's _get_tied_weight_keys and post_init call .keys() on it). The same
+    # 5.x wants {target: source} (save_pretrained's _get_tied_weight_keys calls .keys() on it). The same
     # tie as 4.x's get_output_embeddings -> get_input_embeddings; Dream's configs tie nothing in either version.
     cls = m.DreamModel
     return [(cls, "_tied_weights_keys", {key: "model.embed_tokens.weight" for key in cls._tied_weights_keys})]
@@ -332,7 +332,8 @@ SHIMS: List[Shim] = [
          isinstance(m.__dict__.get("ROPE_INIT_FUNCTIONS"), dict) and "default" not in m.ROPE_INIT_FUNCTIONS,
          _d1_rope_default),
     Shim("D2-validate-kwargs", "dream", _ALL,
-         "TypeError: DreamGenerationConfig.validate() got an unexpected keyword argument 'user_set_attributes'",
+         "TypeError: DreamGenerationConfig.validate() got an unexpected keyword argument: 'user_set_attributes' "
+         "when loading (5.23), 'strict' in save_pretrained (5.0)",
          lambda m: _DREAM_GEN_CONFIG(m) and "validate" in m.DreamGenerationConfig.__dict__ and
          _takes_no_var_kwargs(m.DreamGenerationConfig.validate), _d2_validate_kwargs),
     Shim("D3-rotary-init", "dream", _ALL, "silent: rotary inv_freq left uninitialised (empty) by from_pretrained",
@@ -400,7 +401,7 @@ def apply_to(module) -> List[str]:
     if not isinstance(namespace, dict) or not any(name in namespace for name in _CLASS_NAMES):
         return []
     version = transformers_version()
-    if version is None:
+    if version is None or not shims_for(version):
         return []
     with _lock:
         _, names, records = _applied.setdefault(id(module), (module, [], []))

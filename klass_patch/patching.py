@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 import wrapt
 
 from . import compat, dream, llada
-from .versions import dream_missing, identify_module, known_ids, llada_missing, module_file
+from .versions import STANDIN_MARK, dream_missing, identify_module, known_ids, llada_missing, module_file
 
 __all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "IncompatibleUpstreamError",
            "UnknownUpstreamWarning"]
@@ -82,7 +82,8 @@ def _dream_gate(module):
     """On transformers 5.x Dream's remote code runs only with ``compat``'s shims: apply them to this module (and,
     through ``compat``'s subclass hook, to the ``modeling_dream.py`` that imports it); warn if they do not apply."""
     version = compat.transformers_version()
-    if version is not None and version.major >= 5 and not compat.apply_to(module):
+    if version is not None and version.major >= 5 and not compat.apply_to(module) and \
+            not getattr(module, STANDIN_MARK, None):  # klass-patch's stand-ins need no shim
         warnings.warn(f"transformers {version}: Dream's remote code needs klass_patch.compat's shims, and they do not "
                       f"apply to {module.__name__}, so expect failures (or use transformers 4.46.2 to 4.57.x)",
                       RuntimeWarning, stacklevel=4)
@@ -160,23 +161,27 @@ def _after_exec(wrapped, instance, args, kwargs):
     module = args[0] if args else kwargs.get("module")
     if module is not None:
         compat.apply_to(module)
-        family = _family_of(module)
+        family = _family_of(module) if _hook.get("targets") else None
         if family is not None:
             _patch_module(module, family, explicit=False)
     return result
 
 
-def _install_hook():
+def _install_hook(targets: bool = True):
+    """Hook the source loader: ``compat``'s shims for every module executed from now on, and (``targets``, what
+    ``apply()`` asks for) KLASS's patch for every target module too."""
     loader = importlib.machinery.SourceFileLoader
     if "original" not in _hook:
         _hook["original"] = loader.__dict__.get("exec_module")
         loader.exec_module = _KlassWrapper(loader.exec_module, _after_exec)
+    _hook["targets"] = _hook.get("targets", False) or targets
 
 
 def _remove_hook():
     if "original" in _hook:
         loader = importlib.machinery.SourceFileLoader
         original = _hook.pop("original")
+        _hook.pop("targets", None)
         if original is None:
             del loader.exec_module
         else:
@@ -257,6 +262,11 @@ def patch_installed(namespace: dict, family: str, version: str) -> None:
                                         f"{', '.join(missing)}")
     target.gate(module)
     _wrap(target, module)
+    version = compat.transformers_version()
+    if family == "llada" and version is not None and version.major >= 5:
+        # LLaDA's scripts import generate.py before they load the model: the model code loaded from now on gets
+        # compat's shims (KLASS's patch of other files stays apply()'s)
+        _install_hook(targets=False)
 
 
 def revert() -> None:

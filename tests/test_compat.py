@@ -87,7 +87,8 @@ def _lookalike_module(name="transformers_modules.fake.modeling_fake"):
     cls("DreamRotaryEmbedding", (torch.nn.Module,))
     cls("DreamGenerationConfig", (GenerationConfig,), validate=lambda self, is_init=False: None)
     pretrained = cls("DreamPreTrainedModel", (PreTrainedModel,), _init_weights=lambda self, module: None)
-    cls("DreamModel", (pretrained,), _tied_weights_keys=["lm_head.weight"])
+    mixin = cls("DreamGenerationMixin")
+    cls("DreamModel", (mixin, pretrained), _tied_weights_keys=["lm_head.weight"])
     cls("LLaDAModelLM", (PreTrainedModel,), __init__=lambda self, config: None, tie_weights=lambda self: None)
     cls("LLaDAConfig", (PretrainedConfig,), model_type="llada", __init__=lambda self, use_cache=False, **kw: None)
     module.ROPE_INIT_FUNCTIONS = {k: v for k, v in ROPE_INIT_FUNCTIONS.items() if k != "default"}
@@ -115,8 +116,8 @@ def _transformers_snapshot():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")  # about other tests' stand-ins
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="for transformers 4.x (here: 5.x)")
 def test_apply_changes_nothing_on_transformers_4():
-    assert transformers.__version__.startswith("4."), "this test is for transformers 4.x"
     module = _lookalike_module()
     sys.modules[module.__name__] = module
     try:
@@ -137,7 +138,7 @@ def test_shims_apply_once_and_revert_by_identity(monkeypatch):
     from transformers import modeling_rope_utils
     module = _lookalike_module()
     before, rope = _snapshot(module), dict(modeling_rope_utils.ROPE_INIT_FUNCTIONS)
-    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.0.0")
     assert compat.apply_to(module) == [s.name for s in compat.SHIMS]
     shimmed = _snapshot(module)
     assert compat.apply_to(module) == [s.name for s in compat.SHIMS]
@@ -148,12 +149,36 @@ def test_shims_apply_once_and_revert_by_identity(monkeypatch):
                        ("DreamGenerationConfig", "from_model_config"), ("DreamGenerationConfig", "from_pretrained"),
                        ("DreamGenerationConfig", "_tf4_legacy_generation_defaults"),
                        ("DreamPreTrainedModel", "_init_weights"), ("DreamModel", "_tied_weights_keys"),
+                       ("DreamGenerationMixin", "__init_subclass__"),
                        ("LLaDAModelLM", "__init__"), ("LLaDAModelLM", "tie_weights"), ("LLaDAConfig", "__init__")}
     assert modeling_rope_utils.ROPE_INIT_FUNCTIONS == rope  # transformers' own table is left alone
     klass_patch.revert()
     assert compat.applied() == {}
     after = _snapshot(module)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")  # about other tests' stand-ins
+def test_modeling_module_shimmed_when_it_derives_from_a_shimmed_mixin(monkeypatch):
+    """The installed route: once a generation_utils-like module is shimmed, a module that is being executed gets its
+    shims when it defines a class on the mixin (modeling_dream.py's DreamModel, its last class), before it ends."""
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.0.0")
+    generation = _lookalike_module("transformers_modules.fake.generation_utils")
+    compat.apply_to(generation)
+    modeling = types.ModuleType("transformers_modules.fake.modeling_late")
+    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
+    parts = _lookalike_module(modeling.__name__)  # the classes modeling_dream.py defines before DreamModel
+    modeling.__dict__.update({k: v for k, v in vars(parts).items() if k.startswith(("Dream", "ROPE")) and
+                              k not in ("DreamModel", "DreamGenerationMixin", "DreamGenerationConfig")})
+    seen = {}
+    exec("class DreamModel(DreamGenerationMixin, DreamPreTrainedModel):\n"
+         "    _tied_weights_keys = ['lm_head.weight']\n"
+         "seen['applied'] = dict(compat.applied())\n",
+         {**vars(modeling), "DreamGenerationMixin": generation.DreamGenerationMixin, "compat": compat, "seen": seen})
+    assert {"D1-rope-default", "D3-rotary-init", "D6-tied-weights-mapping"} <= set(seen["applied"][modeling.__name__])
+    assert isinstance(modeling.DreamModel._tied_weights_keys, dict)
+    klass_patch.revert()
+    assert "__init_subclass__" not in vars(generation.DreamGenerationMixin) and compat.applied() == {}
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")  # about other tests' stand-ins
@@ -164,7 +189,7 @@ def test_through_the_import_hook_on_transformers_5(monkeypatch, tmp_path):
     maker = types.ModuleType("_compat_test_maker")
     maker.make = lambda name: {k: v for k, v in vars(_lookalike_module(name)).items() if not k.startswith("__")}
     monkeypatch.setitem(sys.modules, "_compat_test_maker", maker)
-    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.23.0")
     loader = importlib.machinery.SourceFileLoader
     own, inherited = loader.__dict__.get("exec_module"), loader.exec_module
     klass_patch.apply()
@@ -307,6 +332,26 @@ def test_installed_dream_on_transformers_5_equals_4_bitwise_without_apply(tiny, 
     report = _report({k: v for k, v in tiny.tf4.items() if k.startswith("dream/")},
                      {k: v for k, v in installed.items() if k.startswith("dream/")})
     assert {"dream/logits", "dream/klass_greedy", "dream/klass_t0.2_p0.95"} <= set(report)
+    assert [k for k, v in report.items() if v != "EQUAL"] == [], report
+
+
+def test_installed_llada_generate_imported_first_on_transformers_5_without_apply(tiny, tf5, tmp_path):
+    """LLaDA's scripts import generate.py, then load the model: with generate.py rewritten by `klass-patch install`
+    that is enough on 5.x (no apply()), bitwise as 4.x with apply()."""
+    if not tiny.llada:
+        pytest.skip(SKIP_LLADA_MODEL)
+    import shutil
+    from klass_patch import installer
+    generate = tmp_path / "generate.py"
+    shutil.copy(tiny.extra[1], generate)
+    assert installer.install(installer.resolve("llada", generate)).action == "installed"
+    shutil.copytree(tiny.models / "llada", tmp_path / "models" / "llada")  # LLaDA only
+    _worker(tf5, tiny.tmp, "run", tmp_path / "models", tmp_path / "installed.pt", "--llada-generate", generate,
+            env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    installed = torch.load(tmp_path / "installed.pt", weights_only=False)
+    report = _report({k: v for k, v in tiny.tf4.items() if k.startswith("llada/")},
+                     {k: v for k, v in installed.items() if k.startswith("llada/")})
+    assert {"llada/logits", "llada/default", "llada/klass", "llada/klass_t0.7"} <= set(report)
     assert [k for k, v in report.items() if v != "EQUAL"] == [], report
 
 
