@@ -8,6 +8,8 @@
     klass-patch eval --model M --dataset gsm8k|math500|humaneval|mbpp [...]   the paper's evaluation
     klass-patch eval --compare DIR DIR ...         the paper's table from eval folders
     klass-patch plot-steps LOG|DIR                 which position was decided when (PNG)
+    klass-patch lm-eval --model klass --model_args pretrained=M,... --tasks T [...]
+                                                   lm-evaluation-harness with the `klass` model registered
 Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder
 (unknown versions found there are reported and skipped).
 """
@@ -126,7 +128,23 @@ def files(command, dream, llada, dry_run=False) -> int:
     return 1 if failed else 0
 
 
+def lm_eval_command(argv) -> int:
+    """``klass-patch lm-eval ARGS``: lm-eval's own command line, the ``klass`` model registered (lm-eval,
+    torch and transformers are imported here only)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print("klass-patch lm-eval: lm-evaluation-harness is not installed: pip install 'klass-patch[lm-eval]'",
+              file=sys.stderr)
+        return 2
+    from .lm_eval import main as lm_eval_main
+    return lm_eval_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's
+        return lm_eval_command(argv[1:])
     parser = argparse.ArgumentParser(prog="klass-patch", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
@@ -135,7 +153,8 @@ def main(argv=None) -> int:
     d.add_argument("--gen-length", type=int, default=32)
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--block-length", type=int, default=8)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    sub.add_parser("lm-eval", add_help=False, help="run lm-evaluation-harness with the `klass` model registered "
+                                                   "(arguments: lm-eval's; needs klass-patch[lm-eval])")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in FILE_COMMANDS:  # their options need the evaluation settings (and so torch)
         from .evaluation.cli import add_subcommands

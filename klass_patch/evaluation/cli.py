@@ -116,30 +116,36 @@ def run_from_args(args) -> int:
     if not examples:
         raise ValueError("no examples to evaluate (check --data and --limit)")
 
+    from .distributed import Dist
     from .loading import detect_family, load_llada_generate, load_model, resolve_device_dtype
 
+    dist = Dist.from_env()  # accelerate launch / torchrun: RANK, WORLD_SIZE, LOCAL_RANK
+    say = print if dist.is_main else (lambda *_: None)
     family = detect_family(args.model, args.family)
     settings = resolve_settings(family, args.dataset, **given)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device, dtype = resolve_device_dtype(dist.device(args.device), args.dtype)
     source = str(Path(args.data).resolve()) if args.data else PUBLIC[args.dataset][0]
     out = Path(args.out) if args.out else default_out(args.model, settings)
-    print(f"klass-patch eval: {args.model} ({family}) on {args.dataset}, {len(examples)} examples from {source}")
-    print(f"settings (the authors' defaults for {family}/{args.dataset} unless marked 'set'):")
-    print(describe(settings, given))
-    print(f"output: {out}")
+    say(f"klass-patch eval: {args.model} ({family}) on {args.dataset}, {len(examples)} examples from {source}")
+    say(f"settings (the authors' defaults for {family}/{args.dataset} unless marked 'set'):")
+    say(describe(settings, given))
+    say(f"output: {out}" + (f" ({dist.world_size} processes)" if dist.world_size > 1 else ""))
 
     generate_fn, generate_source = None, None
     if family == "llada":
-        generate_fn, generate_source = load_llada_generate(args.llada_generate)
+        generate_fn, generate_source = load_llada_generate(args.llada_generate, log=say)
         source += f" (llada generate: {generate_source})"
     check_resumable(out, make_run(settings, args.model, source), ignore=("mask_id",))  # before the loading
     model, tokenizer = load_model(args.model, device, dtype)
-    summary = run_eval(model, tokenizer, examples, settings, out, generate_fn=generate_fn,
-                       allow_code_execution=args.allow_code_execution, model_name=args.model, data_source=source,
-                       progress=not args.no_progress)
-    print(f"accuracy {summary['accuracy']}% ({summary['correct']}/{summary['n']}), average steps "
-          f"{summary['average_steps']}, {summary['tokens_per_second']} tokens/s, generation time "
-          f"{summary['wall_time_s']} s -> {out / 'summary.json'}")
+    try:
+        summary = run_eval(model, tokenizer, examples, settings, out, generate_fn=generate_fn,
+                           allow_code_execution=args.allow_code_execution, model_name=args.model,
+                           data_source=source, progress=not args.no_progress, dist=dist)
+    finally:
+        dist.close()
+    say(f"accuracy {summary['accuracy']}% ({summary['correct']}/{summary['n']}), average steps "
+        f"{summary['average_steps']}, {summary['tokens_per_second']} tokens/s, generation time "
+        f"{summary['wall_time_s']} s -> {out / 'summary.json'}")
     return 0
 
 

@@ -11,6 +11,9 @@ Output folder:
   wall time, all settings, package versions (and what klass-patch patched); ``complete`` says whether
   every example is done; ``run`` holds what a resumed run must match.
 - ``steps/<id>.jsonl`` with ``save_steps``: the example's step records (``klass_patch.write_steps_jsonl``).
+- On N processes (``accelerate launch`` / ``torchrun``, see ``distributed``): ``results.rank<R>.jsonl`` per
+  process while it runs, merged by rank 0 into ``results.jsonl`` at the end (and at the start of a resumed
+  run); the summary then covers every example once and records ``world_size``.
 
 Reproducibility: example ``i`` (its index in ``examples``) is generated after ``torch.manual_seed(seed + i)``,
 whatever the batch size and whether the run was resumed. The samplers draw one random stream for all the
@@ -35,11 +38,12 @@ import torch
 
 from ..files import atomic_write
 from .data import Example, messages
+from .distributed import RESULTS, SHARD, Dist, ShardFollower, merge_shards
 from .execution import humaneval_program, mbpp_program, run_program
 from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
 from .settings import CODE_DATASETS, Settings
 
-RESULTS, SUMMARY, STEPS = "results.jsonl", "summary.json", "steps"
+SUMMARY, STEPS = "summary.json", "steps"
 LLADA_MASK_ID = 126336
 # Settings that do not change what a run generates: a run may be resumed with other values of these.
 # (batch_size: see rows_per_call.)
@@ -241,7 +245,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def summarize(records: List[dict], total: int, run: dict, started: float, settings: Settings) -> dict:
+def summarize(records: List[dict], total: int, run: dict, started: float, settings: Settings,
+              world_size: int = 1) -> dict:
     """The summary of the examples done so far (``records``) out of ``total``."""
     n = len(records)
     correct = sum(bool(r["correct"]) for r in records)
@@ -256,6 +261,7 @@ def summarize(records: List[dict], total: int, run: dict, started: float, settin
         "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
         "wall_time_s": round(seconds, 3),  # generation time of the examples counted, over every session
         "session_time_s": round(time.time() - started, 3),  # this session, loading excluded, scoring included
+        "world_size": world_size,  # processes of the latest session (data parallel: examples split among them)
         "settings": settings.to_dict(), "run": run, "versions": versions(),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -263,12 +269,18 @@ def summarize(records: List[dict], total: int, run: dict, started: float, settin
 
 def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_dir, *, generate_fn=None,
              allow_code_execution: bool = False, model_name: Optional[str] = None, data_source: str = "",
-             progress: bool = True, log: Callable = print) -> dict:
+             progress: bool = True, log: Callable = print, dist: Optional[Dist] = None) -> dict:
     """Evaluate ``model`` on ``examples`` with ``settings``; write ``out_dir``; return the summary.
 
     ``generate_fn``: for LLaDA, the upstream ``generate`` function or its module (patched here). Examples
     already in ``out_dir/results.jsonl`` from a run with the same settings are skipped; a folder holding a
     run with other settings is refused. Raises ``ValueError`` on bad input before any model forward.
+
+    ``dist``: this process's place in a data-parallel run (``Dist.from_env()`` under ``accelerate launch`` /
+    ``torchrun``; default one process). Every process calls ``run_eval`` with the same arguments; the examples
+    still to do are split by their position among them (``i % world_size``); each process writes its own
+    shard; rank 0 merges them after a barrier and writes the summary, which it returns (the other ranks
+    return the summary of their own share). See ``distributed``.
     """
     refuse_code_execution(settings.dataset, allow_code_execution)
     s = settings
@@ -284,18 +296,34 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
         log(f"batch_size {s.batch_size}: sampling is random here (temperature {s.temperature}, alg {s.alg}), so "
             "each example is generated alone, with its own seed, to give the same text at any batch size")
 
+    dist = dist or Dist()
+    if not dist.is_main:
+        progress, log = False, (lambda *_: None)
     out = Path(out_dir)
     run = make_run(s, model_name or type(model).__name__, data_source)
     check_resumable(out, run)
-    out.mkdir(parents=True, exist_ok=True)
-    done = load_results(out / RESULTS, log)
-    ids = {ex.id for ex in examples}
+    device = getattr(model, "device", "cpu")
+    dist.setup(device)
+    order = [ex.id for ex in examples]
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        merge_shards(out, order, log)  # shards an interrupted run left, on any number of processes
+        done = load_results(out / RESULTS, log)
+    dist.barrier()  # rank 0 has merged: every rank now reads the same finished examples
+    if not dist.is_main:
+        done = load_results(out / RESULTS, log)
+    ids = set(order)
     counted = [r for i, r in done.items() if i in ids]
     pending = [(i, ex) for i, ex in enumerate(examples) if ex.id not in done]
     if counted:
         log(f"Resuming {out}: {len(counted)} of {len(examples)} examples already done, {len(pending)} to go.")
+    if dist.world_size > 1:
+        log(f"{dist.world_size} processes share the {len(pending)} examples to do (rank r takes positions r, "
+            f"r + {dist.world_size}, ...); their shards are merged into {out / RESULTS} at the end.")
+    mine = pending[dist.rank::dist.world_size]
     started = time.time()
-    write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s))
+    if dist.is_main:
+        write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s, dist.world_size))
     if s.save_steps:
         (out / STEPS).mkdir(exist_ok=True)
 
@@ -303,11 +331,14 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
 
     bar = tqdm(total=len(examples), initial=len(counted), desc=f"{s.dataset} {s.alg}", disable=not progress,
                dynamic_ncols=True)
-    device = getattr(model, "device", "cpu")
+    others = ShardFollower(out, range(1, dist.world_size)) if dist.is_main and dist.world_size > 1 else None
+    target = out / (RESULTS if dist.world_size == 1 else SHARD.format(rank=dist.rank))
+    own = []
+    finished = False
     try:
-        with open(out / RESULTS, "a", encoding="utf-8") as f:
-            for start in range(0, len(pending), rows):
-                batch = pending[start:start + rows]
+        with open(target, "a", encoding="utf-8") as f:
+            for start in range(0, len(mine), rows):
+                batch = mine[start:start + rows]
                 prompts = [tokenizer.apply_chat_template(messages(s.dataset, ex), add_generation_prompt=True,
                                                          tokenize=False) for _, ex in batch]
                 ids, mask = encode(tokenizer, prompts, s.family, device)
@@ -333,14 +364,34 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
                     f.flush()
                     os.fsync(f.fileno())
                     counted.append(record)
+                    own.append(record)
                     bar.update(1)
-                acc = sum(bool(r["correct"]) for r in counted) / len(counted)
-                bar.set_postfix(acc=f"{100 * acc:.1f}%", steps=f"{sum(r['steps'] for r in counted) / len(counted):.1f}")
-                write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s))
+                if others is not None:  # the whole run's progress: the other ranks' finished examples too
+                    theirs = others.poll()
+                    counted.extend(theirs)
+                    bar.update(len(theirs))
+                if dist.is_main:
+                    acc = sum(bool(r["correct"]) for r in counted) / len(counted)
+                    bar.set_postfix(acc=f"{100 * acc:.1f}%",
+                                    steps=f"{sum(r['steps'] for r in counted) / len(counted):.1f}")
+                    write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s,
+                                                               dist.world_size))
+        finished = True
     finally:
-        bar.close()
-        summary = summarize(counted, len(examples), run, started, s)
-        write_json_atomic(out / SUMMARY, summary)
+        if dist.world_size > 1 and finished:
+            dist.barrier()  # every shard is complete and flushed
+        if dist.is_main:
+            if dist.world_size > 1 and finished:
+                merge_shards(out, order, log)
+                merged = load_results(out / RESULTS, log)
+                counted = [merged[i] for i in order if i in merged]
+                bar.update(len(counted) - bar.n)
+            bar.close()
+            summary = summarize(counted, len(examples), run, started, s, dist.world_size)
+            write_json_atomic(out / SUMMARY, summary)
+        else:
+            bar.close()
+            summary = summarize(own, len(mine), run, started, s, dist.world_size)
     return summary
 
 
