@@ -414,8 +414,9 @@ def apply_to(module) -> List[str]:
             except Exception as exc:  # never break an import because of a shim
                 warnings.warn(f"klass_patch.compat: shim {shim.name} failed on {module.__name__}: {exc!r}",
                               RuntimeWarning, stacklevel=2)
-        records += _shim_subclass_modules(module)
-        if not names and not records:
+        if names:  # remote code (a module no shim fits, e.g. klass-patch's own stand-in, gets no hook either)
+            records += _shim_subclass_modules(module)
+        if not names:
             del _applied[id(module)]
         return list(names)
 

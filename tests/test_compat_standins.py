@@ -399,6 +399,50 @@ def test_llada_with_apply_loads_computes_generates_and_saves_as_the_saved_model(
         assert torch.equal(_load(saved, "AutoModelForCausalLM")(ids).logits, built.llada(ids).logits)
 
 
+def _own_code(folder):
+    """Make ``folder`` load its own code: a saved config's ``auto_map`` names the folder the code came from."""
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {k: v.split("--")[-1] for k, v in config["auto_map"].items()}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_installed_files_need_no_apply(built):
+    """The installed route: a Dream folder whose generation_utils.py carries the block `klass-patch install` appends,
+    and a LLaDA generate.py carrying it, imported before the model is loaded, load and generate without apply()."""
+    from klass_patch import installer
+    folder = built.root / "standin_dream_installed"  # its own module name: no stale copy of generation_utils
+    shutil.copytree(built.dream_folder, folder)
+    _own_code(folder)
+    with open(folder / "generation_utils.py", "a") as f:
+        f.write(installer.shim("dream", "standin"))
+    dream = _load(folder)
+    ids, _ = _dream_inputs()
+    runs = (dict(temperature=0.0, **DREAM_KLASS), dict(seed=1234, temperature=0.2, top_p=0.95, **DREAM_KLASS))
+    with torch.no_grad():
+        dream_out = [dream(ids).logits] + [_dream_generate(dream, **kwargs) for kwargs in runs]
+
+    generate_file = built.root / "installed_generate.py"
+    generate_file.write_text(TOY_LLADA_GENERATE.read_text() + installer.shim("llada", "standin"))
+    generate = load_file(generate_file).generate  # imported first, as LLaDA's scripts do
+    folder = built.root / "standin_llada_installed"
+    shutil.copytree(built.llada_folder, folder)
+    _own_code(folder)
+    llada = _load(folder, "AutoModelForCausalLM")
+    ids, mask = _llada_inputs()
+    common = dict(steps=8, gen_length=8, block_length=4, mask_id=255, **LLADA_KLASS)
+    llada_out = generate(llada, ids, mask, **common)
+    assert set(_applied_by_file()) == (set(_expected("dream")) | set(_expected("llada")) if TF5 else set())
+
+    klass_patch.apply()  # for the references: the saved models' objects, patched
+    ids, _ = _dream_inputs()
+    with torch.no_grad():
+        assert torch.equal(dream_out[0], built.dream(ids).logits)
+    for out, kwargs in zip(dream_out[1:], runs):
+        assert "used_steps" in out and _equal(out, _dream_generate(built.dream, **kwargs)), kwargs
+    ids, mask = _llada_inputs()
+    assert torch.equal(llada_out, generate(built.llada, ids, mask, **common))
+
+
 def test_applied_is_empty_on_transformers_4(built):
     if TF5:
         pytest.skip(f"transformers {VERSION}: the shims apply (see the other tests)")
