@@ -344,6 +344,8 @@ def test_cli_install_status_revert(tmp_path, monkeypatch, capsys):
     assert cli.main(["revert", "--llada", str(target.path)]) == 0
     assert target.path.read_bytes() == original
     monkeypatch.chdir(tmp_path / "repo")
+    for name in ("HF_HOME", "HF_MODULES_CACHE", "HF_HUB_CACHE"):  # empty caches: other tests' copies are not found
+        monkeypatch.setenv(name, str(tmp_path / "hf" / name))
     assert cli.main(["status"]) == 0
     assert "found 1 file(s)" in capsys.readouterr().out
 

@@ -57,10 +57,14 @@ def load_model(model_id: str, device: str, dtype):
     """``klass_patch.apply()`` first (so Dream's remote code is patched as it is imported), then the model
     (``AutoModel``, remote code trusted, in eval mode on ``device``) and its tokenizer."""
     import klass_patch
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModel, AutoTokenizer
 
-    klass_patch.apply()
-    model = AutoModel.from_pretrained(model_id, trust_remote_code=True, torch_dtype=dtype).to(device).eval()
+    klass_patch.apply()  # on transformers 5.x also klass_patch.compat's shims for Dream's and LLaDA's remote code
+    # the dtype argument's name: `dtype` since 4.56 (`torch_dtype` warns there), `torch_dtype` before
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    model = AutoModel.from_pretrained(model_id, trust_remote_code=True, **{key: dtype}).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
     return model, tokenizer
 
