@@ -162,8 +162,8 @@ def low_precision_max_position(logits, read_at, conf64, candidates):
     dtype is largest (first on ties), as upstream's ``softmax(...).max()`` then ``argmax`` over positions
     picks it. ``conf64`` ([rows, length], float64, -inf off candidates) decides unless another candidate
     of the row is within ``ACROSS_ROWS_RTOL`` (or 8 ulps of the dtype) of the row's best; those few
-    positions are then computed in the logits' dtype. ``read_at`` ([length]): where in ``logits`` each
-    position's prediction is."""
+    positions are then computed in the logits' dtype. ``read_at`` ([length], or [rows, length] per row, e.g.
+    a cache's window): where in ``logits`` each position's prediction is."""
     best = conf64.max(-1, keepdim=True).values
     rtol = max(ACROSS_ROWS_RTOL, SAME_ROW_ULPS * torch.finfo(logits.dtype).eps)
     close = candidates & (conf64 >= best * (1 - rtol))
@@ -171,7 +171,8 @@ def low_precision_max_position(logits, read_at, conf64, candidates):
     tied = close.sum(-1) > 1
     if bool(tied.any()):
         r_c, p_c = (close & tied.unsqueeze(-1)).nonzero(as_tuple=True)
-        exact = torch.softmax(logits[r_c, read_at[p_c]], dim=-1).max(-1).values
+        read = read_at[p_c] if read_at.dim() == 1 else read_at[r_c, p_c]  # [rows, length]: per row (a cache)
+        exact = torch.softmax(logits[r_c, read], dim=-1).max(-1).values
         scores = torch.full(candidates.shape, -math.inf, dtype=exact.dtype, device=candidates.device)
         scores[r_c, p_c] = exact
         pick = torch.where(tied, scores.argmax(-1), pick)
@@ -406,11 +407,13 @@ class StabilityTracker:
         out_tok[redo] = tok
         conf[redo] = torch.softmax(chunk.to(torch.float64), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
-    def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
-        """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact."""
+    def remember(self, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                 read_pos: Optional[torch.Tensor] = None):
+        """Store ``log(p + 1e-12)`` of positions not advanced this step, so that their next KL is exact
+        (``logits`` read at ``read_pos`` when given, e.g. a cache's window)."""
         store = self._store(logits.shape[-1])
         slots = self._slots(rows, pos)
-        for r, chunk, prev in self._ranges(_Reader(logits, rows, pos), slots):
+        for r, chunk, prev in self._ranges(_Reader(logits, rows, pos if read_pos is None else read_pos), slots):
             lp = self._scratch[1, :r.b - r.a] if prev is None else prev  # runs: straight into the store
             self._log_probs(chunk, lp)
             if prev is None:

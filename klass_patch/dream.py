@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
+import numbers
 import re
 
 import torch
 import torch.nn.functional as F
 
+from .cache import BlockForward, CacheConfig, KVCache, cache_options, check_dream, dream_full_forward
+from .cache import dream_window_forward
 from .core import (
     GenerateOutput,
     KlassConfig,
@@ -65,9 +68,12 @@ def make_diffusion_generate_wrapper(module):
             opts["save_steps"] = kwargs.pop("save_steps")
         if alg == "klass":
             KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
+        hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
+        cached = _cache_call(kwargs, alg, any(h in kwargs for h in hooks))  # use_cache=...: None without
         if not opts and alg != "klass":
             return wrapped(*args, **kwargs)
-        hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
+        if cached is not None:
+            opts["cache"] = cached
         token = _CALL.set(dict(opts, hooks_given=any(h in kwargs for h in hooks)))
         try:
             return wrapped(*args, **kwargs)
@@ -75,6 +81,33 @@ def make_diffusion_generate_wrapper(module):
             _CALL.reset(token)
 
     return wrapper
+
+
+def _cache_call(kwargs, alg, hooks_given):
+    """``(CacheConfig, block_length)`` from ``use_cache``/``cache_refresh_every``/``block_length`` (taken out of
+    ``kwargs``), or None without a cache; ``ValueError`` before any forward for what the cache does not take.
+    ``use_cache=None``/``False``/``True`` stay in ``kwargs`` for upstream, as before (Dream's sampler ignores them:
+    a Hugging Face habit must not change what upstream does); klass-patch's cache is chosen by its mode's name."""
+    taken = {k: kwargs.pop(k) for k in ("cache_refresh_every",) if k in kwargs}
+    if not isinstance(kwargs.get("use_cache"), (bool, type(None))):
+        taken["use_cache"] = kwargs.pop("use_cache")
+    block_length = kwargs.pop("block_length", None)
+    cache = cache_options(taken)
+    if cache is None:
+        if block_length is not None:
+            raise ValueError(f"block_length={block_length!r} is used only with use_cache='prefix' or 'dual' "
+                             "(Dream's own sampler has no blocks)")
+        return None
+    if alg != "klass":
+        raise ValueError(f"use_cache={cache.mode!r} with Dream needs alg='klass' (alg is {alg!r}): Dream's upstream "
+                         "algorithms decode the whole sequence at once, and a cache needs blocks")
+    if hooks_given:
+        raise ValueError("use_cache does not take generation_logits_hook_func / generation_tokens_hook_func: a "
+                         "cached step computes the logits of its window only")
+    if block_length is not None and (isinstance(block_length, bool) or not isinstance(block_length, numbers.Integral)
+                                     or block_length < 1):
+        raise ValueError(f"block_length must be a positive int, got {block_length!r}")
+    return cache, None if block_length is None else int(block_length)
 
 
 def make_sample_wrapper(module):
@@ -93,6 +126,11 @@ def make_sample_wrapper(module):
             raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
                              "returned in .history")
         hooks = (a["generation_tokens_hook_func"], a["generation_logits_hook_func"])
+        cached = opts.pop("cache", None)
+        if gc.alg == "klass" and cached is not None:
+            config = KlassConfig.from_kwargs(opts, defaults=gc)
+            return klass_sample_cached(instance, module, a["input_ids"], a["attention_mask"], gc, config, save_steps,
+                                       *cached)
         if gc.alg == "klass":
             config = KlassConfig.from_kwargs(opts, defaults=gc)
             return klass_sample(instance, module, a["input_ids"], a["attention_mask"], gc, *hooks, config, save_steps,
@@ -229,3 +267,119 @@ def observed_sample(wrapped, model, call, gc):
     seen = state.get("observer")
     return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), seen.calls if seen else 0),
                           history=seen.records if seen else [])
+
+
+DEFAULT_BLOCK = 32  # Dream's block length under a cache when none is given (Fast-dLLM's)
+
+
+@torch.no_grad()
+def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: KlassConfig, save_steps,
+                        cache: CacheConfig, block_length=None):
+    """KLASS with a KV cache (``use_cache``): decoding goes block by block, as LLaDA's does, since a cache needs
+    blocks (``block_length``, default 32 or the whole generation if shorter; it must divide the generated
+    length). Candidates are the masked positions of the row's current block (a prompt's own masks are never
+    candidates); everything else is ``klass_sample``'s: low-precision argmax token, ``>=`` test, one fallback
+    position per row with no ready one. A row's block ends when its masks are gone, and the row makes no more
+    forwards once its last block is done; ``steps`` bounds the forwards of the whole run. Forwards: full at each
+    row's block start (and every ``cache.refresh_every``), window otherwise (``klass_patch.cache``; Dream's
+    window starts one position before the block, whose logits predict the block's first token). At a block's
+    last forward the next block's distributions are remembered (``"prefix"``) or, not computed (``"dual"``),
+    the next block starts afresh."""
+    check_dream(model)
+    mask_id, steps = gc.mask_token_id, gc.steps
+    x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
+    rows, length = x.shape
+    plen = input_ids.shape[1]
+    gen = length - plen
+    bl = block_length if block_length is not None else min(DEFAULT_BLOCK, gen)
+    if plen < 1 or gen < 1 or gen % bl:
+        raise ValueError(f"use_cache: the generated length ({gen}) must be a multiple of block_length ({bl}), "
+                         f"after a prompt of at least one token (got {plen})")
+    num_blocks = gen // bl
+    mask4d, tok_idx = _prepare_attention(attention_mask, gc.max_length)
+    histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
+    recorder = StepRecorder() if save_steps else None
+    tracker = StabilityTracker(rows, length, plen, min(gen, 2 * bl), config.kl_history_length, x.device)
+    kv = KVCache(rows)
+
+    def rows_of(sel):
+        return (mask4d[sel] if isinstance(mask4d, torch.Tensor) else mask4d,
+                None if tok_idx is None else tok_idx[sel])
+
+    def full(sel):
+        return dream_full_forward(model, kv, x[sel], *rows_of(sel), sel)
+
+    def window(sel, pos, valid):
+        return dream_window_forward(model, kv, x[sel].gather(1, pos), sel, pos, valid, *rows_of(sel))
+
+    forward = BlockForward(cache, length, bl, 1, full, window)
+    positions = torch.arange(length, device=x.device)
+    block = [0] * rows
+    step_in = [0] * rows
+    used = torch.zeros(rows, dtype=torch.long, device=x.device)
+    sampling = gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None
+    for i in range(steps):
+        mask_index = x == mask_id
+        left = [(mask_index[r, plen + block[r] * bl:plen + (block[r] + 1) * bl]).any().item()
+                if block[r] < num_blocks else False for r in range(rows)]
+        for r in range(rows):  # a row moves on when its block has no mask left
+            while block[r] < num_blocks and not left[r]:
+                block[r], step_in[r] = block[r] + 1, 0
+                left[r] = block[r] < num_blocks and bool(mask_index[r, plen + block[r] * bl:
+                                                                     plen + (block[r] + 1) * bl].any())
+        live = torch.tensor([b < num_blocks for b in block], device=x.device)
+        if not bool(live.any()):
+            break
+        used += live
+        bstart = torch.tensor([plen + b * bl for b in block], device=x.device)
+        logits = forward(bstart, live, torch.tensor([cache.refreshes(s) for s in step_in], device=x.device))
+        in_block = (positions >= bstart.unsqueeze(-1)) & (positions < bstart.unsqueeze(-1) + bl)
+        cand = mask_index & in_block & live.unsqueeze(-1)
+        read_at = (positions - bstart.unsqueeze(-1)).clamp_(0, logits.shape[1] - 1)  # p's logits: p - 1 - (s - 1)
+        r_idx, p_idx = cand.nonzero(as_tuple=True)
+        read = read_at[r_idx, p_idx]
+        tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
+        x0 = x.clone()
+        x0[r_idx, p_idx] = tok
+        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
+        full_conf[r_idx, p_idx] = conf
+        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=x.device)
+        full_kl[r_idx, p_idx] = kl
+
+        ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold, strict=False)
+        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
+        fallback = live & ~ready.any(-1)
+        if bool(fallback.any()):  # as klass_sample, over the block's masks
+            if sampling:
+                mine = fallback[r_idx]
+                conf_fb, _ = module.sample_tokens(logits[r_idx[mine], read[mine]], temperature=gc.temperature,
+                                                  top_p=gc.top_p, top_k=gc.top_k)
+                scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
+                scores[r_idx[mine], p_idx[mine]] = conf_fb
+                best = scores.argmax(-1)
+            else:
+                best = low_precision_max_position(logits, read_at, full_conf, cand & fallback.unsqueeze(-1))
+            pick = F.one_hot(best, length).bool()
+            transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
+        if recorder is not None:
+            recorder.add(i, cand, x0, full_conf, full_kl, transfer)
+        x = torch.where(transfer, x0, x)
+        done = ((x == mask_id) & in_block).any(-1).logical_not_().tolist()
+        for r in range(rows):
+            if not block[r] < num_blocks:
+                continue
+            step_in[r] += 1
+            if done[r] and block[r] + 1 < num_blocks:  # the block's last forward: the next block's first KL
+                nxt = positions[plen + (block[r] + 1) * bl:plen + (block[r] + 2) * bl]
+                if cache.mode == "prefix":
+                    tracker.remember(logits, torch.full_like(nxt, r), nxt, read_pos=nxt - int(bstart[r]))
+                else:
+                    tracker.reset(torch.full_like(nxt, r), nxt)
+        if histories is not None:
+            histories.append(x.clone())
+
+    masks_left_warning(x, mask_id, plen)
+    if not gc.return_dict_in_generate:
+        return x
+    return GenerateOutput(sequences=x, used_steps=used.cpu(),
+                          history=recorder.records if recorder is not None else histories)

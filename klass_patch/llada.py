@@ -11,6 +11,7 @@ one random stream, as upstream's do, so a row is reproducible with the same batc
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -19,6 +20,9 @@ from typing import Callable, Optional
 import torch
 import wrapt
 
+from .cache import CacheConfig, KVCache, cache_options, llada_attached, llada_full_forward, llada_window_forward
+from .cache import BlockForward, windows  # noqa: E402 (the cache: use_cache=...)
+from .versions import identify_module
 from .core import (
     GenerateOutput,
     KlassConfig,
@@ -31,7 +35,7 @@ from .core import (
     select_ready,
 )
 
-EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to
+EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to (LLaDA-8B's)
 ALGS = (None, "default", "klass")
 
 
@@ -43,6 +47,24 @@ def _schedule(module, block_length: int, steps_per_block: int) -> list:
         return [int(k) for k in fn(full, steps_per_block)[0].tolist()]
     base, rem = divmod(block_length, steps_per_block)
     return [base + (1 if s < rem else 0) for s in range(steps_per_block)]
+
+
+def special_ids(model) -> tuple:
+    """``(eos, eot)`` for ``logits_eos_inf`` / ``confidence_eos_eot_inf``: the model config's ``eos_token_id`` and
+    ``eot_token_id`` where it has them (models built on LLaDA's code with another vocabulary, e.g. LLaDA-MoE),
+    else LLaDA-8B's 126081 / 126348, the ids upstream's generate.py hard-codes (LLaDA-8B's config says 126081)."""
+    config = getattr(model, "config", None)
+    eos, eot = getattr(config, "eos_token_id", None), getattr(config, "eot_token_id", None)
+    return (int(eos) if isinstance(eos, numbers.Integral) else EOS_ID,
+            int(eot) if isinstance(eot, numbers.Integral) else EOT_ID)
+
+
+def mmada_bias(attention_mask):
+    """MMaDA's generate.py passes a padded batch's mask to the model as a [B, 1, L, L] boolean ``attention_bias``
+    (None when nothing is padded)."""
+    if attention_mask is None or not bool((attention_mask == 0).any()):
+        return None
+    return (attention_mask[:, :, None] & attention_mask[:, None, :]).bool().unsqueeze(1)
 
 
 def check_lengths(prompt, steps, gen_length, block_length) -> tuple:
@@ -67,9 +89,20 @@ def check_lengths(prompt, steps, gen_length, block_length) -> tuple:
 def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=128, block_length=128,
                    temperature=0.0, cfg_scale=0.0, mask_id=126336, logits_eos_inf=False,
                    confidence_eos_eot_inf=False, config: KlassConfig = KlassConfig(), save_steps=False,
-                   module=None, add_gumbel_noise: Optional[Callable] = None) -> GenerateOutput:
+                   module=None, add_gumbel_noise: Optional[Callable] = None,
+                   cache: Optional[CacheConfig] = None, special: Optional[tuple] = None,
+                   mask_as_bias: bool = False) -> GenerateOutput:
     """KLASS decoding with LLaDA's blocks. ``module`` is the upstream ``generate`` module whose helpers
-    (schedule, Gumbel noise) are used; arguments mean what they mean in upstream's ``generate``."""
+    (schedule, Gumbel noise) are used; arguments mean what they mean in upstream's ``generate``.
+
+    ``cache``: KV-cached forwards (``klass_patch.cache``): a full forward at each row's block start (and every
+    ``refresh_every`` forwards), window forwards otherwise; candidates are the block's masks as without a cache.
+    At a block's last forward the next block's distributions are remembered for its first KL with ``"prefix"``
+    (its window computed them); with ``"dual"`` they were not computed, so the next block starts afresh (KL
+    history reset, as the first block starts). None: no cache, today's code path.
+
+    ``special``: ``(eos, eot)`` ids (default: ``special_ids(model)``). ``mask_as_bias``: call the model as MMaDA's
+    generate.py does (a padded batch's mask as ``attention_bias``; none with classifier-free guidance)."""
     num_blocks, spb = check_lengths(prompt, steps, gen_length, block_length)
     gen_length, block_length = int(gen_length), int(block_length)
     if temperature < 0:
@@ -77,6 +110,10 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
     if temperature > 0 and add_gumbel_noise is None:
         raise ValueError("temperature > 0 needs upstream's add_gumbel_noise; pass module= or add_gumbel_noise=")
+    eos_id, eot_id = special if special is not None else special_ids(model)
+    if mask_as_bias and cache is not None and attention_mask is not None and bool((attention_mask == 0).any()):
+        raise ValueError("use_cache with a padded batch is not supported for MMaDA's generate.py (its model takes "
+                         "the mask as attention_bias); use_cache=None, or one prompt per call")
     device = model.device
     rows, plen = prompt.shape
     length = plen + gen_length
@@ -91,6 +128,8 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
 
     def forward(ids):
         def call(inp, am):
+            if mask_as_bias:  # MMaDA: the mask as a pairwise bias, and no mask at all under guidance
+                return model(inp, attention_bias=None if cfg_scale > 0.0 else mmada_bias(am)).logits
             return (model(inp) if am is None else model(inp, attention_mask=am)).logits
         if cfg_scale > 0.0:
             un = ids.clone()
@@ -101,7 +140,7 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
         else:
             out = call(ids, attention_mask)
         if logits_eos_inf:
-            out[:, :, EOS_ID] = -torch.inf
+            out[:, :, eos_id] = -torch.inf
         return out
 
     n_hist = config.kl_history_length
@@ -109,69 +148,175 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     recorder = StepRecorder() if save_steps else None
     block, step_in, left, used = [0] * rows, [0] * rows, [block_length] * rows, [0] * rows
     positions = torch.arange(length, device=device)
+    cached, attached = None, contextlib.nullcontext()
+    if cache is not None:  # ---- use_cache: the step's forward goes through klass_patch.cache
+        cached, attached = _cached_forward(model, lambda: x, prompt_index, attention_mask, cache, length,
+                                           block_length, cfg_scale, mask_id, logits_eos_inf, eos_id)
     it = 0
-    while True:
-        for r in range(rows):  # a row moves on when its block is decided or its step budget is spent
-            if block[r] < num_blocks and (left[r] == 0 or step_in[r] == spb):
-                block[r], step_in[r], left[r] = block[r] + 1, 0, block_length
-        active = [b < num_blocks for b in block]
-        if not any(active):
-            break
-        logits = forward(x)
+    with attached:
+        while True:
+            for r in range(rows):  # a row moves on when its block is decided or its step budget is spent
+                if block[r] < num_blocks and (left[r] == 0 or step_in[r] == spb):
+                    block[r], step_in[r], left[r] = block[r] + 1, 0, block_length
+            active = [b < num_blocks for b in block]
+            if not any(active):
+                break
+            if cached is None:
+                logits = forward(x)
+            else:  # window logits: position p of row r at p - its block start
+                bstart = torch.tensor([plen + b * block_length for b in block], device=device)
+                logits = cached(bstart, torch.tensor(active, device=device),
+                                torch.tensor([cache.refreshes(s) for s in step_in], device=device))
 
-        start = torch.tensor([plen + b * block_length for b in block], device=device).unsqueeze(-1)
-        in_block = (positions >= start) & (positions < start + block_length)
-        in_block &= torch.tensor(active, device=device).unsqueeze(-1)
-        cand = (x == mask_id) & in_block
-        r_idx, p_idx = cand.nonzero(as_tuple=True)
-        tokens = None  # the float64 argmax, unless the token is chosen on other logits than the confidence
-        if temperature > 0:
-            tokens = add_gumbel_noise(logits[r_idx, p_idx], temperature=temperature).argmax(-1)
-        if confidence_eos_eot_inf:
-            # upstream: the token is chosen first, then EOT (and EOS at temperature 0) get no probability; p is
-            # computed after, so the same altered logits serve this step and the next block's first KL
-            tokens = logits[r_idx, p_idx].argmax(-1) if tokens is None else tokens
-            logits[:, :, EOT_ID] = -torch.inf
-            if temperature == 0:
-                logits[:, :, EOS_ID] = -torch.inf
-        tok, conf, kl = tracker.update(logits, r_idx, p_idx, tokens)
-        x0 = x.clone()
-        x0[r_idx, p_idx] = tok
-        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
-        full_conf[r_idx, p_idx] = conf
-        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=device)
-        full_kl[r_idx, p_idx] = kl
+            start = torch.tensor([plen + b * block_length for b in block], device=device).unsqueeze(-1)
+            in_block = (positions >= start) & (positions < start + block_length)
+            in_block &= torch.tensor(active, device=device).unsqueeze(-1)
+            cand = (x == mask_id) & in_block
+            r_idx, p_idx = cand.nonzero(as_tuple=True)
+            rp = p_idx if cached is None else p_idx - bstart[r_idx]  # where the logits of a candidate are
+            tokens = None  # the float64 argmax, unless the token is chosen on other logits than the confidence
+            if temperature > 0:
+                tokens = add_gumbel_noise(logits[r_idx, rp], temperature=temperature).argmax(-1)
+            if confidence_eos_eot_inf:
+                # upstream: the token is chosen first, then EOT (and EOS at temperature 0) get no probability; p is
+                # computed after, so the same altered logits serve this step and the next block's first KL
+                tokens = logits[r_idx, rp].argmax(-1) if tokens is None else tokens
+                logits[:, :, eot_id] = -torch.inf
+                if temperature == 0:
+                    logits[:, :, eos_id] = -torch.inf
+            tok, conf, kl = tracker.update(logits, r_idx, p_idx, tokens, read_pos=None if cached is None else rp)
+            x0 = x.clone()
+            x0[r_idx, p_idx] = tok
+            full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
+            full_conf[r_idx, p_idx] = conf
+            full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=device)
+            full_kl[r_idx, p_idx] = kl
 
-        guard = torch.tensor([s >= n_hist - 1 for s in step_in], device=device)
-        ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
-                           strict=True, guard=guard)
-        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
-        has_ready = ready.any(-1).tolist()
-        for r in range(rows):
-            if active[r] and not has_ready[r]:  # fallback: upstream's top-k by confidence in the block
-                _, top = torch.topk(full_conf[r], k=k_of_step[step_in[r]])
-                transfer[r, top] = True
-        transfer &= cand
-        if recorder is not None:
-            recorder.add(it, cand, x0, full_conf, full_kl, transfer)
-        x = torch.where(transfer, x0, x)
+            guard = torch.tensor([s >= n_hist - 1 for s in step_in], device=device)
+            ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
+                               strict=True, guard=guard)
+            transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
+            has_ready = ready.any(-1).tolist()
+            for r in range(rows):
+                if active[r] and not has_ready[r]:  # fallback: upstream's top-k by confidence in the block
+                    _, top = torch.topk(full_conf[r], k=k_of_step[step_in[r]])
+                    transfer[r, top] = True
+            transfer &= cand
+            if recorder is not None:
+                recorder.add(it, cand, x0, full_conf, full_kl, transfer)
+            x = torch.where(transfer, x0, x)
 
-        left_now = ((x == mask_id) & in_block).sum(-1).tolist()
-        for r in range(rows):
-            if not active[r]:
-                continue
-            used[r] += 1
-            step_in[r] += 1
-            left[r] = left_now[r]
-            if (left[r] == 0 or step_in[r] == spb) and block[r] + 1 < num_blocks:
-                # this was the block's last forward: keep the next block's distributions for its first KL
-                nxt = torch.arange(block_length, device=device) + plen + (block[r] + 1) * block_length
-                tracker.remember(logits, torch.full_like(nxt, r), nxt)
-        it += 1
+            left_now = ((x == mask_id) & in_block).sum(-1).tolist()
+            for r in range(rows):
+                if not active[r]:
+                    continue
+                used[r] += 1
+                step_in[r] += 1
+                left[r] = left_now[r]
+                if (left[r] == 0 or step_in[r] == spb) and block[r] + 1 < num_blocks:
+                    # this was the block's last forward: keep the next block's distributions for its first KL
+                    nxt = torch.arange(block_length, device=device) + plen + (block[r] + 1) * block_length
+                    if cached is None:
+                        tracker.remember(logits, torch.full_like(nxt, r), nxt)
+                    elif cache.mode == "prefix":  # the window held the next block
+                        tracker.remember(logits, torch.full_like(nxt, r), nxt, read_pos=nxt - bstart[r])
+                    else:  # "dual": not computed by this forward: the next block starts afresh
+                        tracker.reset(torch.full_like(nxt, r), nxt)
+            it += 1
 
     masks_left_warning(x, mask_id, plen)
     return GenerateOutput(sequences=x, used_steps=torch.tensor(used, dtype=torch.long),
                           history=recorder.records if recorder is not None else None)
+
+
+def _cached_forward(model, get_x, prompt_index, attention_mask, cache: CacheConfig, length, block_length, cfg_scale,
+                    mask_id, logits_eos_inf, eos_id=EOS_ID):
+    """``(BlockForward, context)`` of a cached KLASS run: the full and window forwards of data rows (classifier-free
+    guidance: their unconditional copies ride along as model rows ``rows + r``), and the context that attaches
+    the cache to the model's attention for the run."""
+    rows = prompt_index.shape[0]
+    cfg = cfg_scale > 0.0
+    kv = KVCache(rows * (2 if cfg else 1))
+    if attention_mask is not None and bool((attention_mask == 0).any()):
+        kv.key_mask = torch.cat([attention_mask != 0] * (2 if cfg else 1))
+
+    def with_uncond(ids, sel):
+        if not cfg:
+            return ids, sel
+        un = ids.clone()
+        un[prompt_index[sel]] = mask_id
+        return torch.cat([ids, un]), torch.cat([sel, sel + rows])
+
+    def finish(out):
+        if cfg:
+            cond, uncond = torch.chunk(out, 2, dim=0)
+            out = uncond + (cfg_scale + 1) * (cond - uncond)
+        if logits_eos_inf:
+            out[:, :, eos_id] = -torch.inf
+        return out
+
+    def full(sel):
+        ids, msel = with_uncond(get_x()[sel], sel)
+        am = None if attention_mask is None else attention_mask[sel]
+        am = torch.cat([am, am]) if cfg and am is not None else am
+        return finish(llada_full_forward(model, kv, ids, am, msel))
+
+    def window(sel, pos, valid):
+        ids, msel = with_uncond(get_x()[sel], sel)
+        if cfg:
+            pos, valid = torch.cat([pos, pos]), torch.cat([valid, valid])
+        return finish(llada_window_forward(model, kv, ids.gather(1, pos), msel, pos, valid))
+
+    return BlockForward(cache, length, block_length, 0, full, window), llada_attached(model, kv, length)
+
+
+class CachedModel(wrapt.ObjectProxy):
+    """A model proxy that runs upstream's own ``generate`` loop with the cache: upstream makes ``steps_per_block``
+    forwards per block, all rows together, so the forward number says the block and step. A full forward at
+    each block start (and every ``refresh_every``) returns the model's output; a window forward returns
+    ``[rows, length, V]`` logits holding the window's and zeros elsewhere (upstream never reads them: its
+    confidence there is ``-inf``, outside the block or not masked). Use within ``attached()``."""
+
+    def __init__(self, model, prompt, attention_mask, gen_length, block_length, steps, cfg_scale,
+                 cache: CacheConfig):
+        super().__init__(model)
+        _, spb = check_lengths(prompt, steps, gen_length, block_length)
+        rows, plen = prompt.shape
+        copies = 2 if cfg_scale > 0.0 else 1
+        self._self_cfg = (plen, int(block_length), spb, cache, plen + int(gen_length))
+        self._self_kv = KVCache(rows * copies)
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            keep = torch.cat([attention_mask != 0, torch.ones((rows, int(gen_length)), dtype=torch.bool,
+                                                              device=attention_mask.device)], dim=-1)
+            self._self_kv.key_mask = torch.cat([keep] * copies).to(model.device)
+        self._self_calls = 0
+
+    def __call__(self, ids, attention_mask=None, **kwargs):
+        plen, bl, spb, cache, _ = self._self_cfg
+        block, step = divmod(self._self_calls, spb)
+        self._self_calls += 1
+        kv = self._self_kv
+        if cache.refreshes(step):
+            with kv.full():
+                if attention_mask is None:
+                    return self.__wrapped__(ids, **kwargs)
+                return self.__wrapped__(ids, attention_mask=attention_mask, **kwargs)
+        start = plen + block * bl
+        starts = torch.full((ids.shape[0],), start, device=ids.device)
+        pos, valid = windows(cache.mode, starts, ids.shape[1], bl)
+        logits = llada_window_forward(self.__wrapped__, kv, ids.gather(1, pos), None, pos, valid)
+        out = logits.new_zeros((*ids.shape, logits.shape[-1]))
+        out[:, start:start + pos.shape[1]] = logits
+        return _Logits(out)
+
+    def attached(self):
+        """The context attaching the cache to the model's attention for the call."""
+        return llada_attached(self.__wrapped__, self._self_kv, self._self_cfg[4])
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
 
 
 class ObservedModel(wrapt.ObjectProxy):
@@ -182,10 +327,11 @@ class ObservedModel(wrapt.ObjectProxy):
     candidate is the argmax, that of an unmasked position the token written there.
     """
 
-    def __init__(self, model, prompt_len, gen_length, block_length, steps, cfg_scale, mask_id):
+    def __init__(self, model, prompt_len, gen_length, block_length, steps, cfg_scale, mask_id, remember_next=True):
         super().__init__(model)
         num_blocks, spb = check_lengths(torch.zeros((1, prompt_len)), steps, gen_length, block_length)
         self._self_cfg = (prompt_len, int(block_length), spb, num_blocks, cfg_scale, mask_id)
+        self._self_remember = remember_next  # False under a dual cache: the next block starts afresh
         self._self_observer = Observer(mask_id, prompt_len, min(int(gen_length), 2 * int(block_length)))
 
     def __call__(self, ids, *args, **kwargs):
@@ -205,7 +351,10 @@ class ObservedModel(wrapt.ObjectProxy):
         if step == spb - 1 and block + 1 < num_blocks:  # keep the next block's distributions for its first KL
             nxt = torch.arange(start + bl, start + 2 * bl, device=ids.device)
             for r in range(ids.shape[0]):
-                observer.tracker.remember(logits, torch.full_like(nxt, r), nxt)
+                if self._self_remember:
+                    observer.tracker.remember(logits, torch.full_like(nxt, r), nxt)
+                else:
+                    observer.tracker.reset(torch.full_like(nxt, r), nxt)
         return out
 
     def finish(self, ids_after):
@@ -223,16 +372,22 @@ class ObservedModel(wrapt.ObjectProxy):
 def make_generate_wrapper(module):
     """The wrapt wrapper for a LLaDA ``generate`` function of ``module``.
 
-    Adds ``alg`` (None/"default": upstream; "klass"), the KLASS parameters, ``save_steps`` and
-    ``return_dict_in_generate``. A call with none of them goes to upstream unchanged.
+    Adds ``alg`` (None/"default": upstream; "klass"), the KLASS parameters, ``save_steps``,
+    ``return_dict_in_generate`` and ``use_cache``/``cache_refresh_every`` (``klass_patch.cache``; with upstream's
+    algorithm, its own loop runs through a cached model proxy). A call with none of them goes to upstream
+    unchanged.
     """
+
+    # MMaDA's generate.py gives the model its mask as an attention_bias: KLASS calls the model the same way
+    mmada = (getattr(module, "__klass_patch_installed__", None) or identify_module(module, "llada")) == "mmada"
 
     def wrapper(wrapped, instance, args, kwargs):
         alg = kwargs.pop("alg", None)
         save_steps = bool(kwargs.pop("save_steps", False))
         as_dict = bool(kwargs.pop("return_dict_in_generate", False))
         opts = klass_options(kwargs, alg, ALGS, hint=" (upstream's strategies are chosen with remasking=)")
-        if alg != "klass" and not save_steps and not as_dict:
+        cache = cache_options(kwargs)  # use_cache / cache_refresh_every, checked before any forward
+        if alg != "klass" and not save_steps and not as_dict and cache is None:
             return wrapped(*args, **kwargs)
         if save_steps and not as_dict:
             raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
@@ -250,13 +405,20 @@ def make_generate_wrapper(module):
                 block_length=a["block_length"], temperature=a["temperature"], cfg_scale=a["cfg_scale"],
                 mask_id=a["mask_id"], logits_eos_inf=a.get("logits_eos_inf", False),
                 confidence_eos_eot_inf=a.get("confidence_eos_eot_inf", False), config=config,
-                save_steps=save_steps, module=module)
+                save_steps=save_steps, module=module, cache=cache, mask_as_bias=mmada)
             return out if as_dict else out.sequences  # upstream returns the tensor
+        attached = contextlib.nullcontext()
+        if cache is not None:  # upstream's loop, its forwards through the cache
+            a["model"] = CachedModel(a["model"], a["prompt"], a.get("attention_mask"), a["gen_length"],
+                                     a["block_length"], a["steps"], a["cfg_scale"], cache)
+            attached = a["model"].attached()
         observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
-                                 a["steps"], a["cfg_scale"], a["mask_id"]) if save_steps else None
+                                 a["steps"], a["cfg_scale"], a["mask_id"],
+                                 remember_next=cache is None or cache.mode == "prefix") if save_steps else None
         if observed is not None:
             a["model"] = observed
-        seqs = wrapped(*call.args, **call.kwargs)
+        with attached:
+            seqs = wrapped(*call.args, **call.kwargs)
         if observed is not None:
             observed.finish(seqs)
         forwards = observed.calls if observed is not None else a["steps"]

@@ -43,7 +43,34 @@ KNOWN: List[UpstreamVersion] = [
     UpstreamVersion("llada-2025-10", "llada", "51577b6b239f73ec0a8ef5a680c7dbc6927b2bfc4e8e125e342a60923d10e348",
                     "64068d2d31653d6ab161eb04be284edf0d141f810458f82bcb3779bd18656329", "8e01df8 (final newline)"),
     UpstreamVersion("llada-2025-10", "llada", "a95b1c67d2f9d6a80f7a2d046d59be215fd0cf010c771e9ec07f5b80eae7a9c7",
-                    "b8c9fb27e55df8e5f255cae84852662d417be100ca10abf5872da258d0b424d0", "65cbed2 (HEAD, main() only)"),
+                    "b8c9fb27e55df8e5f255cae84852662d417be100ca10abf5872da258d0b424d0",
+                    "65cbed2 (HEAD, main() only); also iLLaDA's sampler (its README: reuse it with mask_id=5)"),
+    # Models built on the same code (public copies; see the README's "Supported files").
+    UpstreamVersion("llada-2025-06", "llada", "469d0c34563c174a3c49f3b8cae02f79e55a71b9c044817a2a3e01c9f66c8ced",
+                    "9d7e2dbcbc112260003bde90905e8d5cf10afc9e960aa2be9b8f2b353aa1744c",
+                    "LLaDA-1.5's evaluation copy (zhangyitonggg/dllm4code LiveCodeBench/llada_generate.py): f51cb17 "
+                    "without its final newline"),
+    UpstreamVersion("mmada", "llada", "a29060417d50b378e3b768c1e66ff64fcbb76fc016a070db99593fddd4126678",
+                    "a29060417d50b378e3b768c1e66ff64fcbb76fc016a070db99593fddd4126678",
+                    "Gen-Verse/MMaDA generate.py bce2b72: llada-2025-03 with batches (attention_mask, last "
+                    "parameter, passed to the model as a [B,1,L,L] attention_bias)"),
+    UpstreamVersion("mmada", "llada", "62e6c9d22f264a5c44d05d2602cf5c7addb291a85dcfe357878664eec803649a",
+                    "62e6c9d22f264a5c44d05d2602cf5c7addb291a85dcfe357878664eec803649a", "MMaDA 0ef94ba (main() only)"),
+    UpstreamVersion("mmada", "llada", "6e7da94fca35fd158f4ddda7ec323998483c573e3c6ffccd5f69514378202a3f",
+                    "6e7da94fca35fd158f4ddda7ec323998483c573e3c6ffccd5f69514378202a3f", "MMaDA b209b3e (main() only)"),
+    UpstreamVersion("mmada", "llada", "d3a394b81635e8ac8fbdadc9c64198f1562262c2c1b4c89b34ee0c81c11a22ee",
+                    "d3a394b81635e8ac8fbdadc9c64198f1562262c2c1b4c89b34ee0c81c11a22ee", "MMaDA ce06b2a (main() only)"),
+]
+
+# The model files the KV cache (klass_patch.cache) attaches to at run time: recognised like the sampler files, but
+# never installed into (family "llada"/"dream" here means the model code, not generate.py/generation_utils.py).
+MODEL_FILES: List[UpstreamVersion] = [
+    UpstreamVersion("llada-8b-modeling", "llada", "98bac7e53fef0bb7ca01e3716c11a7f710d183e10dbb9783b88db9dbba2e3766",
+                    "a711ac52a6b6e6fba3830fc8ac67af961ef7dee6351ee00eb9aaad7ba7c92a49",
+                    "modeling_llada.py of GSAI-ML/LLaDA-8B-Instruct"),
+    UpstreamVersion("dream-v0-modeling", "dream", "3166e789f0d69beb1f4fbdee2317953d1c1c3b9bc21479b109afc5dd059de5b3",
+                    "8a694c5979322591659c0d4c09a5fa2d314aef50805683055f6a14b733dbeae7",
+                    "modeling_dream.py of Dream-org/Dream-v0-Instruct-7B"),
 ]
 
 # The interface klass-patch relies on, per family.

@@ -4,12 +4,15 @@ import importlib.machinery
 import sys
 import warnings
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import klass_patch
 from conftest import STANDIN, load_file
+
+REPO = Path(__file__).resolve().parent.parent
 from klass_patch import patching, versions
 from klass_patch.toy.models import ToyDenoiser, dream_model
 
@@ -142,9 +145,14 @@ def test_known_versions_are_recognised_by_bytes_and_normalised_text(monkeypatch)
 
 def test_the_recorded_fingerprints_are_consistent():
     ids = set(versions.known_ids())
-    assert ids == {"dream-v1", "dream-v2", "llada-2025-02", "llada-2025-03", "llada-2025-06", "llada-2025-10"}
+    assert ids == {"dream-v1", "dream-v2", "llada-2025-02", "llada-2025-03", "llada-2025-06", "llada-2025-10",
+                   "mmada"}
     for v in versions.KNOWN:
-        assert len(v.sha256) == len(v.normalized_sha256) == 64 and v.family in v.id
+        assert len(v.sha256) == len(v.normalized_sha256) == 64 and v.family in ("dream", "llada")
+        assert (REPO / "vendored_diffs" / v.family / f"{v.id}.patch").is_file(), f"{v.id}: no vendored diff"
+    by_id = {}
+    for v in versions.KNOWN:  # one id, one family
+        assert by_id.setdefault(v.id, v.family) == v.family
 
 
 def test_unknown_but_compatible_version_is_patched_with_a_warning(tmp_path):

@@ -392,3 +392,43 @@ def test_dream_save_steps_observes_upstream_without_changing_it(path, extra):
     assert len(out.history) == int(out.used_steps[0]) == 8
     decided = sorted(e["position"] for rec in out.history for e in rec["decoded_tokens"])
     assert decided == list(range(4, 12))
+
+
+# ----------------------------------------------------------------------------- models built on LLaDA's code
+def test_llada_eos_id_comes_from_the_model_config():
+    """A model with its own vocabulary (LLaDA-MoE, iLLaDA): logits_eos_inf bans the config's eos_token_id, not
+    LLaDA-8B's 126081 (out of range here: without the config's id this raises)."""
+    module = _llada(STANDIN["llada"])
+    toy = ToyDenoiser(vocab_size=64, mask_id=63, noise=2.0)
+    settings = dict(steps=16, gen_length=16, block_length=8, mask_id=63, **KLASS)
+    generated = module.generate(toy, torch.tensor([[3, 4, 5]]), **settings)[0, 3:]
+    eos = int(generated[0])  # a token this model does generate
+    toy.config.eos_token_id = eos
+    banned = module.generate(toy, torch.tensor([[3, 4, 5]]), logits_eos_inf=True, **settings)[0, 3:]
+    assert eos not in banned.tolist() and (banned != 63).all()
+
+
+class _Recording(ToyDenoiser):
+    def __call__(self, x, **kwargs):
+        self.kwargs = getattr(self, "kwargs", []) + [kwargs]
+        return super().__call__(x)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_mmada_generate_gets_its_mask_as_attention_bias(monkeypatch, cfg_scale):
+    """MMaDA's generate.py hands a padded batch's mask to the model as a [B,1,L,L] boolean attention_bias (no mask
+    under guidance): KLASS on that file calls the model the same way."""
+    monkeypatch.setattr(klass_patch.llada, "identify_module", lambda module, family: "mmada")
+    module = load_file(STANDIN["llada"])
+    klass_patch.apply(module)
+    model = _Recording(vocab_size=64, mask_id=63)
+    batch, mask = torch.tensor([[62, 3, 4], [5, 6, 7]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    module.generate(model, batch, mask, steps=4, gen_length=4, block_length=4, mask_id=63, cfg_scale=cfg_scale,
+                    **KLASS)
+    full = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    for kwargs in model.kwargs:
+        assert set(kwargs) == {"attention_bias"}
+        if cfg_scale > 0:
+            assert kwargs["attention_bias"] is None
+        else:
+            assert torch.equal(kwargs["attention_bias"], (full[:, :, None] & full[:, None, :]).bool().unsqueeze(1))

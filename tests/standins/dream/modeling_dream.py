@@ -8,7 +8,10 @@ non-persistent buffer (with ``original_inv_freq``, ``rope_kwargs``, ``rope_init_
 its ``from_pretrained`` reloads the generation config with ``DreamGenerationConfig.from_pretrained(...,
 resume_download=...)``; ``DreamModel`` declares ``_tied_weights_keys`` as a list. As upstream's, the model's logits at
 position i predict token i + 1 (``_sample`` shifts them), and ``forward(input_ids, attention_mask, position_ids)``
-takes a boolean [B, 1, N, N] mask, ``"full"`` or None.
+takes a boolean [B, 1, N, N] mask, ``"full"`` or None. For klass-patch's KV cache, as upstream's:
+``forward(..., past_key_values=, use_cache=, cache_position=)``, and each attention calls
+``past_key_value.update(key, value, layer_idx, cache_kwargs)`` after RoPE (before the GQA repeat) and attends with
+what it returns; position ids default to ``cache_position``.
 """
 
 KLASS_PATCH_STANDIN = True  # tells klass_patch.versions this is a stand-in, not an upstream file
@@ -75,18 +78,22 @@ class DreamAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv = config.num_attention_heads, config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv
         self.head_dim = config.hidden_size // self.num_heads
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, h, attention_mask, position_embeddings):
+    def forward(self, h, attention_mask, position_embeddings, past_key_value=None, cache_position=None):
         b, n, _ = h.shape
         q = self.q_proj(h).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, *position_embeddings), _rotate(k, *position_embeddings)
+        if past_key_value is not None:  # as upstream: a transformers-style cache, after RoPE, before repeat_kv
+            cos, sin = position_embeddings
+            k, v = past_key_value.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
         groups = self.num_heads // self.num_kv
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
@@ -105,8 +112,9 @@ class DreamDecoderLayer(nn.Module):
         self.input_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h, attention_mask, position_embeddings):
-        h = h + self.self_attn(self.input_layernorm(h), attention_mask, position_embeddings)
+    def forward(self, h, attention_mask, position_embeddings, past_key_value=None, cache_position=None):
+        h = h + self.self_attn(self.input_layernorm(h), attention_mask, position_embeddings, past_key_value,
+                               cache_position)
         m = self.post_attention_layernorm(h)
         return h + self.down_proj(self.act_fn(self.gate_proj(m)) * self.up_proj(m))
 
@@ -157,14 +165,16 @@ class DreamBaseModel(DreamPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, return_dict=None, cache_position=None, **kwargs):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if cache_position is None:
+            cache_position = torch.arange(h.shape[1], device=h.device)
         if position_ids is None:
-            position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+            position_ids = cache_position.unsqueeze(0)
         position_embeddings = self.rotary_emb(h, position_ids)
         for layer in self.layers:
-            h = layer(h, attention_mask, position_embeddings)
+            h = layer(h, attention_mask, position_embeddings, past_key_values, cache_position)
         return BaseModelOutput(last_hidden_state=self.norm(h))
 
 
@@ -193,8 +203,9 @@ class DreamModel(DreamGenerationMixin, DreamPreTrainedModel):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, return_dict=None, cache_position=None, **kwargs):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds).last_hidden_state
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                            cache_position=cache_position).last_hidden_state
         return MaskedLMOutput(logits=self.lm_head(hidden))

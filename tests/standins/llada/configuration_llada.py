@@ -27,6 +27,9 @@ class ModelConfig:
     embedding_size: Optional[int] = 256
     max_sequence_length: int = 512
     rope_theta: float = 500000.0
+    rope: bool = True
+    rope_full_precision: bool = True
+    attention_dropout: float = 0.0
     rms_norm_eps: float = 1e-5
     include_bias: bool = False
     weight_tying: bool = False
@@ -35,6 +38,10 @@ class ModelConfig:
     mask_token_id: int = 255
     pad_token_id: int = 250
     eos_token_id: int = 250
+
+    @property
+    def effective_n_kv_heads(self):
+        return self.n_kv_heads or self.n_heads
 
 
 class LLaDAConfig(PretrainedConfig):

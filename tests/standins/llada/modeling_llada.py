@@ -7,7 +7,10 @@ code.
 ``ModelConfig`` with ``init_device = "cpu"`` (so torch's default initialisation runs on the CPU, drawing from the
 global RNG, even inside transformers 5.x's meta-device context) and never calls ``post_init()``; ``tie_weights(self)``
 takes no arguments; ``forward`` reads ``self.config.use_cache`` when no ``use_cache`` is given. ``forward(input_ids,
-attention_mask=[B, N] 0/1 or None)`` returns the logits of every position (no shift).
+attention_mask=[B, N] 0/1 or None)`` returns the logits of every position (no shift). For klass-patch's KV cache,
+the blocks have upstream's structure: ``LLaDABlock.attention(q, k, v, attention_bias, layer_past, use_cache)`` with
+``rotary_emb`` (``get_rotary_embedding``, ``apply_rotary_pos_emb``; queries taken as the last positions),
+``_cast_attn_bias``, ``_scaled_dot_product_attention`` and ``attn_out``; the padding bias is additive, keys only.
 """
 
 KLASS_PATCH_STANDIN = True  # tells klass_patch.versions this is a stand-in, not an upstream file
@@ -40,45 +43,97 @@ class RMSLayerNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def _rope(x, theta):
-    """Rotary embedding of [B, H, N, D], computed on the fly (upstream keeps it in a cache, not in buffers)."""
-    n, d = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float) / d)
-    angles = torch.outer(torch.arange(n, device=x.device, dtype=torch.float), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    turned = torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1)
-    return (x.float() * angles.cos() + turned.float() * angles.sin()).to(x.dtype)
+class RotaryEmbedding(nn.Module):
+    """RoPE as upstream's interface has it: ``get_rotary_embedding(length, device)`` gives sin and cos
+    ``[1, 1, length, head_dim]``; ``forward(q, k)`` rotates the keys at 0..n_k-1 and the queries as the last n_q of
+    them. No buffers (upstream keeps its tables in a cache, not in the state dict)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def get_rotary_embedding(self, seq_len, device):
+        dim = self.config.d_model // self.config.n_heads
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim)
+        angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.sin()[None, None], angles.cos()[None, None]
+
+    def rotate_half(self, x):
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+    def apply_rotary_pos_emb(self, pos_sin, pos_cos, t):
+        return ((t * pos_cos) + (self.rotate_half(t) * pos_sin)).to(t.dtype)
+
+    def forward(self, q, k):
+        q_, k_ = (q.float(), k.float()) if self.config.rope_full_precision else (q, k)
+        n_q, n_k = q_.shape[-2], k_.shape[-2]
+        sin, cos = self.get_rotary_embedding(n_k, q_.device)
+        sin, cos = sin.type_as(q_), cos.type_as(q_)
+        q_ = self.apply_rotary_pos_emb(sin[:, :, n_k - n_q:n_k], cos[:, :, n_k - n_q:n_k], q_)
+        k_ = self.apply_rotary_pos_emb(sin, cos, k_)
+        return q_.type_as(q), k_.type_as(k)
 
 
-class LLaDALlamaBlock(nn.Module):
+class LLaDABlock(nn.Module):
+    """The attention of a block, with upstream's method names and signatures (what klass-patch's cache wraps)."""
+
     def __init__(self, layer_id: int, config: ModelConfig):
         super().__init__()
         self.layer_id, self.config = layer_id, config
+        self.q_norm = self.k_norm = None
+        self.attn_out = nn.Linear(config.d_model, config.d_model, bias=config.include_bias, device=config.init_device)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.flash_attn_func = None
+
+    @classmethod
+    def _cast_attn_bias(cls, bias, input_dtype):
+        return bias if bias.dtype == input_dtype else bias.to(input_dtype)
+
+    def _scaled_dot_product_attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        if q.size(1) != k.size(1):
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False)
+
+    def attention(self, q, k, v, attention_bias=None, layer_past=None, use_cache=False):
+        B, T, C = q.size()
+        hd = C // self.config.n_heads
+        q = q.view(B, T, self.config.n_heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.config.effective_n_kv_heads, hd).transpose(1, 2)
+        v = v.view(B, T, self.config.effective_n_kv_heads, hd).transpose(1, 2)
+        if layer_past is not None:
+            k, v = torch.cat((layer_past[0], k), dim=-2), torch.cat((layer_past[1], v), dim=-2)
+        present = (k, v) if use_cache else None
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        q, k = self.rotary_emb(q, k)
+        if attention_bias is not None:
+            attention_bias = self._cast_attn_bias(attention_bias[:, :, n_k - n_q:n_k, :n_k], k.dtype)
+        att = self._scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+        return self.attn_out(att.transpose(1, 2).contiguous().view(B, T, C)), present
+
+
+class LLaDALlamaBlock(LLaDABlock):
+    def __init__(self, layer_id: int, config: ModelConfig):
+        super().__init__(layer_id, config)
         d, dev, bias = config.d_model, config.init_device, config.include_bias
-        self.n_kv = config.n_kv_heads or config.n_heads
-        kv = d // config.n_heads * self.n_kv
+        kv = d // config.n_heads * config.effective_n_kv_heads
         self.attn_norm, self.ff_norm = RMSLayerNorm(config, d), RMSLayerNorm(config, d)
         self.q_proj = nn.Linear(d, d, bias=bias, device=dev)
         self.k_proj = nn.Linear(d, kv, bias=bias, device=dev)
         self.v_proj = nn.Linear(d, kv, bias=bias, device=dev)
-        self.attn_out = nn.Linear(d, d, bias=bias, device=dev)
         self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=bias, device=dev)
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=bias, device=dev)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=bias, device=dev)
 
-    def forward(self, x, attention_bias=None):
-        b, n, d = x.shape
-        h, hd = self.config.n_heads, d // self.config.n_heads
+    def forward(self, x, attention_bias=None, layer_past=None, use_cache=False):
         a = self.attn_norm(x)
-        q = self.q_proj(a).view(b, n, h, hd).transpose(1, 2)
-        k = self.k_proj(a).view(b, n, self.n_kv, hd).transpose(1, 2)
-        v = self.v_proj(a).view(b, n, self.n_kv, hd).transpose(1, 2)
-        q, k = _rope(q, self.config.rope_theta), _rope(k, self.config.rope_theta)
-        k, v = k.repeat_interleave(h // self.n_kv, dim=1), v.repeat_interleave(h // self.n_kv, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, is_causal=False)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(b, n, d))
+        att, cache = self.attention(self.q_proj(a), self.k_proj(a), self.v_proj(a), attention_bias,
+                                    layer_past=layer_past, use_cache=use_cache)
+        x = x + att
         f = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(f)) * self.up_proj(f))
+        return x + self.ff_out(F.silu(self.ff_proj(f)) * self.up_proj(f)), cache
 
 
 class LLaDAModel(nn.Module):
@@ -105,10 +160,11 @@ class LLaDAModel(nn.Module):
         assert not use_cache, "The kvcache is not suppotred for MDM."
         x = self.transformer.wte(input_ids)
         bias = None
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            bias = attention_mask.bool()[:, None, None, :]  # keys only, as LLaDA's additive bias
+        if attention_mask is not None and bool((attention_mask == 0).any()):  # keys only, additive, as upstream's
+            m = attention_mask.to(torch.float)[:, None, None, :]
+            bias = (1.0 - m) * torch.finfo(m.dtype).min
         for block in self.transformer.blocks:
-            x = block(x, bias)
+            x, _ = block(x, bias)
         x = self.transformer.ln_f(x)
         out = self.transformer.wte if self.config.weight_tying else self.transformer.ff_out
         logits = F.linear(x, out.weight, getattr(out, "bias", None))

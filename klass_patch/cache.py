@@ -1,0 +1,388 @@
+"""KV cache for block-wise decoding (``use_cache="prefix"|"dual"``), attached at run time to the model's own code.
+
+A masked diffusion model attends both ways, so nothing it computes stays exact once any token changes. A cache
+trades that for speed, as Fast-dLLM does: at a *refresh* the whole sequence goes through the model (the logits are
+exactly a plain forward's) and every layer's keys and values are kept; until the next refresh a step sends only a
+*window* of positions through the model, whose queries attend to the window's fresh keys/values and to the kept
+ones everywhere else.
+
+- ``"prefix"``: the window is the current block and everything after it; the prefix's K/V come from the refresh.
+- ``"dual"``: the window is the current block only (Dream: the block and the position before it, whose logits
+  predict the block's first token); prefix and suffix K/V come from the refresh.
+
+Refresh rule: a full forward at each block start (the first forward a row makes in a block), and, with
+``cache_refresh_every=N``, also every N-th forward inside a block. Rows of a batch keep their own blocks: a
+step sends the rows that refresh through a full forward and the others through a window forward (two calls at
+most), so each row makes exactly the forwards of its own batch-1 cached run; rows with no block left are not
+sent at all.
+
+What this module holds: :class:`CacheConfig` (the options and their validation, before any forward),
+:func:`windows` (the positions a step queries), :class:`KVCache` (the kept K/V and the scatter of a window's fresh
+ones), :class:`BlockForward` (one step's forward for rows in different blocks and phases). Family specifics are
+two small attachment sections at the end: LLaDA's ``LLaDABlock.attention`` is wrapped per instance for the
+duration of a call (its model forward refuses a cache and builds its bias for the input length); Dream's
+attention already calls ``past_key_value.update(...)`` after RoPE, so a :class:`KVCache` is passed as
+``past_key_values`` with the window's ``position_ids`` and a ``[rows, 1, window, length]`` mask. The model files
+are pinned by sha256 (``versions.MODEL_FILES``): another file is used if its interface matches, with a warning.
+
+KLASS under a cache (the adapters implement it): candidates are the masked positions of the row's current
+block, which every forward computes. A position whose logits a step does not compute is never stable: when the
+next block's distributions were not computed by the block's last forward (``"dual"``), that block's positions
+start afresh (history reset, KL unknown), exactly as the first block does; with ``"prefix"`` they were
+computed, and are remembered as without a cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["MODES", "CacheConfig", "KVCache", "BlockForward", "windows", "cache_options", "llada_attached",
+           "check_model_code"]
+
+MODES = ("prefix", "dual")
+CACHE_PARAMS = ("use_cache", "cache_refresh_every")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``mode``: ``"prefix"`` or ``"dual"``; ``refresh_every``: also refresh every N-th forward of a block (None:
+    at block starts only)."""
+
+    mode: str
+    refresh_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"use_cache must be one of None, {', '.join(map(repr, MODES))}, got {self.mode!r}")
+        n = self.refresh_every
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"cache_refresh_every must be a positive int or None, got {n!r}")
+
+    def refreshes(self, step_in_block: int) -> bool:
+        """Whether the forward number ``step_in_block`` (from 0) of a block is a full forward."""
+        return step_in_block == 0 or (self.refresh_every is not None and step_in_block % self.refresh_every == 0)
+
+
+def cache_options(kwargs: dict) -> Optional[CacheConfig]:
+    """Take ``use_cache`` and ``cache_refresh_every`` out of ``kwargs`` and check them (before any forward).
+
+    ``use_cache``: None or False (no cache: today's code path), ``"prefix"`` or ``"dual"``; anything else is a
+    ``ValueError``. ``cache_refresh_every`` is accepted only with a cache (None means its default)."""
+    mode = kwargs.pop("use_cache", None)
+    every = kwargs.pop("cache_refresh_every", None)
+    if mode is None or mode is False:
+        if every is not None:
+            raise ValueError(f"cache_refresh_every={every!r} is used only with use_cache='prefix' or 'dual'")
+        return None
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"use_cache must be None, 'prefix' or 'dual', got {mode!r}"
+                         + (" (klass-patch's cache is chosen by mode)" if mode is True else ""))
+    return CacheConfig(mode, every)
+
+
+def windows(mode: str, starts: torch.Tensor, length: int, block_length: int, shift: int = 0):
+    """The positions each row queries at a cached step: ``(pos, valid)``, both ``[rows, width]``.
+
+    ``starts``: the first position of each row's current block. The window starts ``shift`` positions earlier
+    (Dream: 1, its logits at i - 1 predict i) and covers the block (``"dual"``) or everything to the end
+    (``"prefix"``). ``width`` is the widest row's; a narrower row's tail is not valid (its positions are clamped
+    to the last one, computed but never written to the cache nor read). Entry ``j`` of row ``r`` is position
+    ``starts[r] - shift + j``: the logits of a candidate ``p`` are read at ``p - starts[r]``."""
+    lo = starts - shift
+    if mode == "dual":
+        width = block_length + shift
+    else:
+        width = int((length - lo).max())
+    pos = lo.unsqueeze(-1) + torch.arange(width, device=starts.device)
+    valid = pos < length
+    return pos.clamp_(max=length - 1), valid
+
+
+class KVCache:
+    """Every layer's keys and values (after RoPE, ``[rows, kv_heads, length, head_dim]``) of the last refresh.
+
+    The model's attention calls :meth:`update` with its fresh keys/values. In a full forward (``full()``) they
+    are kept (for the rows given) and returned unchanged, so the forward is exactly a plain one. In a window
+    forward (``window()``) they are written at the window's positions (valid entries only) into the kept ones,
+    which are returned: the queries see fresh K/V in the window and the refresh's elsewhere. ``update`` also has
+    ``transformers``' ``Cache.update`` signature, which is how Dream's attention calls it."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.k, self.v = {}, {}
+        self.phase = None
+        self.sel = None  # model rows of the current forward (LongTensor), None: all rows in order
+        self.pos = self.valid = None
+        self.key_mask = None  # [rows, length] bool, False at padding (only when the batch has padding)
+
+    @contextlib.contextmanager
+    def _phase(self, phase, sel, pos=None, valid=None):
+        if sel is not None and len(sel) == self.rows:
+            sel = None
+        self.phase, self.sel, self.pos, self.valid = phase, sel, pos, valid
+        try:
+            yield self
+        finally:
+            self.phase = self.sel = self.pos = self.valid = None
+
+    def full(self, sel=None):
+        """Context of a full forward of model rows ``sel`` (None: all)."""
+        return self._phase("full", sel)
+
+    def window(self, sel, pos, valid):
+        """Context of a window forward of model rows ``sel`` querying ``pos`` (``[n, width]``, ``valid`` likewise)."""
+        return self._phase("window", sel, pos, None if bool(valid.all()) else valid)
+
+    def window_key_mask(self):
+        """``[n, length]`` bool key mask of the rows of the current window forward, or None without padding."""
+        if self.key_mask is None:
+            return None
+        return self.key_mask if self.sel is None else self.key_mask[self.sel]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.phase == "full":
+            if self.sel is None:
+                self.k[layer_idx], self.v[layer_idx] = key_states, value_states
+            else:
+                for store, new in ((self.k, key_states), (self.v, value_states)):
+                    if layer_idx not in store:
+                        store[layer_idx] = new.new_zeros((self.rows, *new.shape[1:]))
+                    store[layer_idx][self.sel] = new
+            return key_states, value_states
+        if self.phase != "window":
+            raise RuntimeError("klass_patch KVCache.update called outside a cached forward")
+        if layer_idx not in self.k:
+            raise RuntimeError(f"klass_patch KVCache: no refresh has filled layer {layer_idx}")
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        if self.sel is not None:  # a copy: rows of a window forward are a subset (kept values are not needed back)
+            keys, values = keys[self.sel], values[self.sel]
+        if self.valid is None:
+            idx = self.pos[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            keys.scatter_(2, idx, key_states.to(keys.dtype))
+            values.scatter_(2, idx, value_states.to(values.dtype))
+        else:  # only the valid entries (an invalid one repeats a valid position: a scatter could let it win)
+            r, j = self.valid.nonzero(as_tuple=True)
+            p = self.pos[r, j]
+            keys[r, :, p] = key_states[r, :, j].to(keys.dtype)
+            values[r, :, p] = value_states[r, :, j].to(values.dtype)
+        return keys, values
+
+    def get_seq_length(self, layer_idx=0):  # transformers' Cache interface (not used when cache_position is given)
+        return 0
+
+
+class BlockForward:
+    """One step's forward for rows that may sit in different blocks and phases.
+
+    ``full(sel)``: the family's full forward of data rows ``sel`` (LongTensor), returning ``[n, length, V]``
+    logits; ``window(sel, pos, valid)``: its window forward, returning ``[n, width, V]``. ``__call__`` returns
+    the window logits of every row (``[rows, width, V]``, entry ``j`` of row ``r`` at position
+    ``starts[r] - shift + j``; rows not active are zeros, never read) and counts forwards per row."""
+
+    def __init__(self, config: CacheConfig, length: int, block_length: int, shift: int,
+                 full: Callable, window: Callable):
+        self.config, self.length, self.block_length, self.shift = config, length, block_length, shift
+        self.full, self.window = full, window
+
+    def __call__(self, starts: torch.Tensor, active: torch.Tensor, refresh: torch.Tensor) -> torch.Tensor:
+        pos, valid = windows(self.config.mode, starts, self.length, self.block_length, self.shift)
+        rows = starts.shape[0]
+        parts = []
+        for flag in (True, False):
+            sel = (active & (refresh if flag else ~refresh)).nonzero().squeeze(-1)
+            if not len(sel):
+                continue
+            if flag:
+                logits = self.full(sel)
+                logits = logits[torch.arange(len(sel), device=logits.device).unsqueeze(-1), pos[sel]]
+            else:
+                logits = self.window(sel, pos[sel], valid[sel])
+            parts.append((sel, logits))
+        if len(parts) == 1 and len(parts[0][0]) == rows:
+            return parts[0][1]
+        out = parts[0][1].new_zeros((rows, pos.shape[1], parts[0][1].shape[-1]))
+        for sel, logits in parts:
+            out[sel] = logits
+        return out
+
+
+# ---- model code fingerprints -------------------------------------------------------------------------------
+
+_WARNED = set()
+
+
+def check_model_code(obj, family: str) -> str:
+    """The version of the model file defining ``type(obj)`` (``versions.MODEL_FILES``): its id, ``standin``, or
+    ``unknown``, with a warning (once per file) that the cache was written for the known file."""
+    from . import versions
+    module = sys.modules.get(type(obj).__module__)
+    if getattr(module, versions.STANDIN_MARK, None):
+        return "standin"
+    path = versions.module_file(module) if module is not None else None
+    data = path.read_bytes() if path is not None else None
+    found = versions.identify_bytes(data, family, versions.MODEL_FILES) if data is not None else None
+    if found is not None:
+        return found.id
+    key = (family, str(path))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        known = ", ".join(v.sha256[:16] + "…" for v in versions.MODEL_FILES if v.family == family)
+        what = f"{path} (sha256 {versions.sha256(data)[:16]}…)" if data is not None else "a model file not on disk"
+        warnings.warn(f"use_cache: the {family} model code is {what}, not a known version ({known}); the cache "
+                      "relies on its attention interface, which matched, but it was checked on the known file only",
+                      RuntimeWarning, stacklevel=3)
+    return "unknown"
+
+
+# ---- LLaDA: LLaDABlock.attention wrapped per instance for the duration of a call ------------------------------
+
+_LLADA_BLOCK_ATTRS = ("attention", "rotary_emb", "attn_out", "_scaled_dot_product_attention", "_cast_attn_bias",
+                      "config", "layer_id")
+
+
+def _llada_blocks(model):
+    blocks = [m for m in model.modules() if any(c.__name__ == "LLaDABlock" for c in type(m).__mro__)]
+    if not blocks:
+        raise ValueError("use_cache: no LLaDABlock in this model; the LLaDA cache attaches to the attention of "
+                         "LLaDA's modeling_llada.py (LLaDABlock.attention)")
+    for b in blocks:
+        missing = [a for a in _LLADA_BLOCK_ATTRS if not hasattr(b, a)]
+        params = list(inspect.signature(b.attention).parameters)[:6]
+        if missing or params != ["q", "k", "v", "attention_bias", "layer_past", "use_cache"]:
+            raise ValueError(f"use_cache: {type(b).__name__} does not have the interface of LLaDA's LLaDABlock "
+                             f"(missing {missing or 'nothing'}, attention parameters {params})")
+        if not b.config.rope:
+            raise ValueError("use_cache: the LLaDA cache needs RoPE (config.rope=True), as LLaDA's model does")
+    return blocks
+
+
+def _llada_rope(rotary, t, pos, length):
+    """RoPE of ``t`` ([n, heads, T, hd]) at positions ``pos`` ([n, T]), computed as ``RotaryEmbedding.forward``
+    computes it for those positions (which assumes the queries are the last ``T`` of ``length``)."""
+    t_ = t.float() if rotary.config.rope_full_precision else t
+    with torch.autocast(t.device.type, enabled=False):
+        sin, cos = rotary.get_rotary_embedding(length, t_.device)
+        sin, cos = sin.type_as(t_)[0, 0][pos].unsqueeze(1), cos.type_as(t_)[0, 0][pos].unsqueeze(1)
+        t_ = rotary.apply_rotary_pos_emb(sin, cos, t_)
+    return t_.type_as(t)
+
+
+def _llada_attention(block, cache: KVCache, length: int):
+    original = block.attention  # the bound method of the class
+
+    def attention(q, k, v, attention_bias=None, layer_past=None, use_cache=False):
+        if cache.phase is None or layer_past is not None or use_cache:
+            return original(q, k, v, attention_bias, layer_past, use_cache)
+        cfg = block.config
+        B, T, C = q.size()
+        dtype = k.dtype
+        if cache.phase == "full":  # the original computes the output; the cache keeps its keys/values
+            out = original(q, k, v, attention_bias, layer_past, use_cache)
+        if block.q_norm is not None and block.k_norm is not None:
+            q = block.q_norm(q).to(dtype=dtype)
+            k = block.k_norm(k).to(dtype=dtype)
+        hd = C // cfg.n_heads
+        k = k.view(B, T, cfg.effective_n_kv_heads, hd).transpose(1, 2)
+        v = v.view(B, T, cfg.effective_n_kv_heads, hd).transpose(1, 2)
+        if cache.phase == "full":
+            cache.update(_llada_rope(block.rotary_emb, k, torch.arange(T, device=k.device).expand(B, T), length),
+                         v, block.layer_id)
+            return out
+        q = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)
+        q = _llada_rope(block.rotary_emb, q, cache.pos, length)
+        k, v = cache.update(_llada_rope(block.rotary_emb, k, cache.pos, length), v, block.layer_id)
+        keep = cache.window_key_mask()
+        bias = None
+        if keep is not None:  # the padding bias the model builds for a full forward, for these queries
+            bias = torch.zeros(keep.shape, dtype=torch.float, device=q.device)
+            bias.masked_fill_(~keep, torch.finfo(torch.float).min)
+            bias = block._cast_attn_bias(bias[:, None, None, :], dtype)
+        att = block._scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=0.0 if not block.training else cfg.attention_dropout, is_causal=False)
+        att = att.transpose(1, 2).contiguous().view(B, T, C)
+        return block.attn_out(att), None
+
+    attention.__klass_patch_cache__ = True
+    return attention
+
+
+@contextlib.contextmanager
+def llada_attached(model, cache: KVCache, length: int):
+    """Within the block, every ``LLaDABlock`` of ``model`` runs its attention through ``cache`` while the cache is
+    in a forward phase (``cache.full()``/``cache.window()``), and exactly as before otherwise. The wrappers are
+    instance attributes, removed on exit; the model's class and file are untouched."""
+    blocks = _llada_blocks(model)
+    check_model_code(blocks[0], "llada")
+    mine = []
+    try:
+        for b in blocks:
+            if getattr(b.__dict__.get("attention"), "__klass_patch_cache__", False):
+                raise RuntimeError("use_cache: this LLaDA model is already in a cached generate call")
+            b.attention = _llada_attention(b, cache, length)
+            mine.append(b)
+        yield
+    finally:
+        for b in mine:
+            b.__dict__.pop("attention", None)
+
+
+def llada_full_forward(model, cache: KVCache, ids, attention_mask, sel):
+    """A full forward of model rows ``sel`` that fills the cache; logits exactly a plain forward's."""
+    with cache.full(sel):
+        return (model(ids) if attention_mask is None else model(ids, attention_mask=attention_mask)).logits
+
+
+def llada_window_forward(model, cache: KVCache, ids_window, sel, pos, valid):
+    """A window forward of model rows ``sel``: ``ids_window`` are the ids at ``pos``; padding comes from
+    ``cache.key_mask``."""
+    with cache.window(sel, pos, valid):
+        return model(ids_window).logits
+
+
+# ---- Dream: a KVCache passed as past_key_values ---------------------------------------------------------------
+
+def _dream_layers(model):
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    if not layers:
+        raise ValueError("use_cache: no Dream attention layers in this model; the Dream cache is passed as "
+                         "past_key_values to Dream's modeling_dream.py")
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("position_ids", "past_key_values", "cache_position") if p not in params]
+    if missing:
+        raise ValueError(f"use_cache: this model's forward lacks {missing} (Dream's modeling_dream.py has them)")
+    return layers
+
+
+def check_dream(model) -> None:
+    """Raise ``ValueError`` unless ``model`` is Dream's model code (by interface); warn on an unknown file."""
+    check_model_code(_dream_layers(model)[0], "dream")
+
+
+def dream_full_forward(model, cache: KVCache, ids, mask4d, tok_idx, sel):
+    """Full forward of rows ``sel`` (``mask4d``/``tok_idx`` already those rows', or ``"full"``/None)."""
+    length = ids.shape[1]
+    with cache.full(sel):
+        return model(ids, mask4d, tok_idx, past_key_values=cache, use_cache=False,
+                     cache_position=torch.arange(length, device=ids.device)).logits
+
+
+def dream_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, mask4d, tok_idx):
+    """Window forward of rows ``sel`` querying ``pos``: position ids at the queries' true positions (``tok_idx``
+    of the padded rows), mask = the full forward's mask rows for the queries (``mask4d``: those rows', or
+    ``"full"``)."""
+    if isinstance(mask4d, torch.Tensor):
+        length = mask4d.shape[-1]
+        mask = mask4d[:, 0].gather(1, pos.unsqueeze(-1).expand(-1, -1, length)).unsqueeze(1)
+    else:
+        mask = None
+    position_ids = pos if tok_idx is None else tok_idx.gather(1, pos)
+    with cache.window(sel, pos, valid):
+        return model(ids_window, mask, position_ids, past_key_values=cache, use_cache=False,
+                     cache_position=pos[0]).logits
