@@ -130,6 +130,9 @@ def _dream(folder, R):
             torch.manual_seed(seed)
         return _plain(model.diffusion_generate(ids, **common, **kw))
     R["dream/maskgit_plus_greedy"] = gen(alg="maskgit_plus", temperature=0.0)
+    for alg in ("topk_margin", "entropy"):  # every upstream alg
+        R[f"dream/{alg}_greedy"] = gen(alg=alg, temperature=0.0)
+    R["dream/origin_t0.2"] = gen(4321, alg="origin", temperature=0.2)
     R["dream/maskgit_plus_no_temperature"] = gen(1234, alg="maskgit_plus")  # 4.x's legacy defaults (D5)
     R["dream/klass_greedy"] = gen(temperature=0.0, **DREAM_KLASS)
     R["dream/klass_t0.2_p0.95"] = gen(1234, temperature=0.2, top_p=0.95, **DREAM_KLASS)
@@ -152,6 +155,8 @@ def _llada(folder, generate_file, R):
         R["llada/logits_masked"] = model(ids, attention_mask=mask).logits
     common = dict(steps=16, gen_length=16, block_length=8, mask_id=255)
     R["llada/default"] = module.generate(model, ids, mask, **common)
+    torch.manual_seed(4321)
+    R["llada/random"] = module.generate(model, ids, mask, remasking="random", **common)
     R["llada/klass"] = _plain(module.generate(model, ids, mask, return_dict_in_generate=True, **common, **LLADA_KLASS))
     torch.manual_seed(4321)
     R["llada/klass_t0.7"] = module.generate(model, ids, mask, temperature=0.7, **common, **LLADA_KLASS)

@@ -312,7 +312,8 @@ def report(tiny, tf5):
 
 def test_dream_on_transformers_5_equals_4_bitwise(report):
     dream = {k: v for k, v in report.items() if k.startswith("dream/") or k == "rng_state_after"}
-    assert {"dream/logits", "dream/maskgit_plus_greedy", "dream/klass_greedy", "dream/klass_t0.2_p0.95"} <= set(dream)
+    assert {"dream/logits", "dream/maskgit_plus_greedy", "dream/topk_margin_greedy", "dream/entropy_greedy",
+            "dream/origin_t0.2", "dream/klass_greedy", "dream/klass_t0.2_p0.95"} <= set(dream)
     assert [k for k, v in dream.items() if v != "EQUAL"] == [], dream
 
 
@@ -359,7 +360,7 @@ def test_llada_on_transformers_5_equals_4_bitwise(tiny, report):
     if not tiny.llada:
         pytest.skip(SKIP_LLADA_MODEL)
     llada = {k: v for k, v in report.items() if k.startswith("llada/") or k == "rng_state_after"}
-    assert {"llada/logits", "llada/default", "llada/klass", "llada/klass_t0.7"} <= set(llada)
+    assert {"llada/logits", "llada/default", "llada/random", "llada/klass", "llada/klass_t0.7"} <= set(llada)
     assert [k for k, v in llada.items() if v != "EQUAL"] == [], llada
 
 
