@@ -16,6 +16,7 @@ import inspect
 import math
 import numbers
 import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ def make_diffusion_generate_wrapper(module):
             KlassConfig.from_kwargs(dict(opts), defaults=config)  # raises before any forward
         hooks = ("generation_logits_hook_func", "generation_tokens_hook_func")
         cached = _cache_call(kwargs, alg, any(h in kwargs for h in hooks))  # use_cache=...: None without
-        if not opts and alg != "klass":
+        if not opts and alg != "klass" and cached is None:
             return wrapped(*args, **kwargs)
         if cached is not None:
             opts["cache"] = cached
@@ -98,9 +99,9 @@ def _cache_call(kwargs, alg, hooks_given):
             raise ValueError(f"block_length={block_length!r} is used only with use_cache='prefix' or 'dual' "
                              "(Dream's own sampler has no blocks)")
         return None
-    if alg != "klass":
-        raise ValueError(f"use_cache={cache.mode!r} with Dream needs alg='klass' (alg is {alg!r}): Dream's upstream "
-                         "algorithms decode the whole sequence at once, and a cache needs blocks")
+    if alg not in CACHED_ALGS:
+        raise ValueError(f"use_cache={cache.mode!r} with Dream takes alg in {CACHED_ALGS} (alg is {alg!r}): a cache "
+                         "needs blocks, and 'origin' unmasks at random over the whole sequence")
     if hooks_given:
         raise ValueError("use_cache does not take generation_logits_hook_func / generation_tokens_hook_func: a "
                          "cached step computes the logits of its window only")
@@ -120,15 +121,15 @@ def make_sample_wrapper(module):
         opts = dict(_CALL.get() or {"hooks_given": True})
         hooks_given = opts.pop("hooks_given")
         save_steps = bool(opts.pop("save_steps", getattr(gc, "save_steps", False)))
-        if gc.alg != "klass" and not save_steps:
+        if gc.alg != "klass" and not save_steps and "cache" not in opts:
             return wrapped(*args, **kwargs)
         if save_steps and not gc.return_dict_in_generate:
             raise ValueError("save_steps=True needs return_dict_in_generate=True: the step records are "
                              "returned in .history")
         hooks = (a["generation_tokens_hook_func"], a["generation_logits_hook_func"])
         cached = opts.pop("cache", None)
-        if gc.alg == "klass" and cached is not None:
-            config = KlassConfig.from_kwargs(opts, defaults=gc)
+        if cached is not None:  # KLASS, or upstream's top-k rule restricted to blocks (klass_sample_cached)
+            config = KlassConfig.from_kwargs(opts, defaults=gc) if gc.alg == "klass" else None
             return klass_sample_cached(instance, module, a["input_ids"], a["attention_mask"], gc, config, save_steps,
                                        *cached)
         if gc.alg == "klass":
@@ -270,10 +271,11 @@ def observed_sample(wrapped, model, call, gc):
 
 
 DEFAULT_BLOCK = 32  # Dream's block length under a cache when none is given (Fast-dLLM's)
+CACHED_ALGS = ("klass", "maskgit_plus", "topk_margin", "entropy")  # what use_cache takes with Dream
 
 
 @torch.no_grad()
-def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: KlassConfig, save_steps,
+def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Optional[KlassConfig], save_steps,
                         cache: CacheConfig, block_length=None):
     """KLASS with a KV cache (``use_cache``): decoding goes block by block, as LLaDA's does, since a cache needs
     blocks (``block_length``, default 32 or the whole generation if shorter; it must divide the generated
@@ -284,7 +286,13 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Kl
     row's block start (and every ``cache.refresh_every``), window otherwise (``klass_patch.cache``; Dream's
     window starts one position before the block, whose logits predict the block's first token). At a block's
     last forward the next block's distributions are remembered (``"prefix"``) or, not computed (``"dual"``),
-    the next block starts afresh."""
+    the next block starts afresh.
+
+    ``config=None``: upstream's ``gc.alg`` (``maskgit_plus``, ``topk_margin``, ``entropy``) restricted to blocks, as
+    Fast-dLLM's Dream does, so that cached comparisons are like for like: ``steps // num_blocks`` forwards per block
+    (``steps`` must be a multiple of the number of blocks), and at a block's step ``i`` upstream's own rule over the
+    block's masks: its confidence from ``sample_tokens``, the top ``int(masks * (1 - s / t))`` (all of them at the
+    block's last step) with ``t, s`` consecutive values of ``linspace(1, eps, steps_per_block + 1)``."""
     check_dream(model)
     mask_id, steps = gc.mask_token_id, gc.steps
     x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
@@ -296,10 +304,19 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Kl
         raise ValueError(f"use_cache: the generated length ({gen}) must be a multiple of block_length ({bl}), "
                          f"after a prompt of at least one token (got {plen})")
     num_blocks = gen // bl
+    if config is None:
+        if save_steps:
+            raise ValueError("save_steps with use_cache takes alg='klass' (the step records are KLASS's)")
+        if steps % num_blocks:
+            raise ValueError(f"use_cache with alg={gc.alg!r}: steps ({steps}) must be a multiple of the number of "
+                             f"blocks ({gen} // block_length {bl} = {num_blocks})")
+        spb = steps // num_blocks
+        timesteps = torch.linspace(1, gc.eps, spb + 1, device=x.device)
     mask4d, tok_idx = _prepare_attention(attention_mask, gc.max_length)
     histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
     recorder = StepRecorder() if save_steps else None
-    tracker = StabilityTracker(rows, length, plen, min(gen, 2 * bl), config.kl_history_length, x.device)
+    tracker = StabilityTracker(rows, length, plen, min(gen, 2 * bl), config.kl_history_length, x.device) \
+        if config is not None else None
     kv = KVCache(rows)
 
     def rows_of(sel):
@@ -338,6 +355,30 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Kl
         read_at = (positions - bstart.unsqueeze(-1)).clamp_(0, logits.shape[1] - 1)  # p's logits: p - 1 - (s - 1)
         r_idx, p_idx = cand.nonzero(as_tuple=True)
         read = read_at[r_idx, p_idx]
+        if config is None:  # upstream's rule on the block's masks
+            conf, tok = module.sample_tokens(logits[r_idx, read], temperature=gc.temperature, top_p=gc.top_p,
+                                             top_k=gc.top_k, margin_confidence=gc.alg == "topk_margin",
+                                             neg_entropy=gc.alg == "entropy")
+            x0 = x.clone()
+            x0[r_idx, p_idx] = tok
+            scores = torch.full((rows, length), -math.inf, dtype=conf.dtype, device=x.device)
+            scores[r_idx, p_idx] = conf
+            transfer = torch.zeros_like(cand)
+            for r in range(rows):
+                if not block[r] < num_blocks:
+                    continue
+                masks, j = int(cand[r].sum()), step_in[r]
+                k = masks if j >= spb - 1 else int(masks * (1 - timesteps[j + 1] / timesteps[j]))
+                if k > 0 and not getattr(gc, "alg_temp", None):
+                    transfer[r, scores[r].topk(k).indices] = True
+                elif k > 0:  # upstream's alg_temp: drawn in proportion to softmax(confidence / alg_temp)
+                    transfer[r, torch.multinomial(F.softmax(scores[r] / gc.alg_temp, dim=-1), num_samples=k)] = True
+            x = torch.where(transfer, x0, x)
+            for r in range(rows):
+                step_in[r] += block[r] < num_blocks
+            if histories is not None:
+                histories.append(x.clone())
+            continue
         tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
         x0 = x.clone()
         x0[r_idx, p_idx] = tok

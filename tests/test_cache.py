@@ -175,14 +175,38 @@ def test_cached_klass_rows_as_alone(fam, mode):
         assert int(plain.used_steps.min()) < 24, "the thresholds should let KLASS decide several tokens per step"
 
 
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_upstream_algs_cached(fam, alg):
+    """Dream's upstream algorithms under a cache decode block by block with upstream's rule inside each block: every
+    mask filled in exactly `steps` forwards, each row as alone; one block refreshed at every forward is exactly the
+    uncached upstream run (batch 1: upstream's count of tokens per step averages over rows). 'origin' is refused."""
+    if fam.family != "dream":
+        pytest.skip("Dream's algorithms")
+    ids, mask = fam.batch()
+    for mode in MODES:
+        out = fam.generate(ids, mask, use_cache=mode, alg=alg)
+        assert fam.calls == 24 and out.used_steps.tolist() == [24] * 3
+        assert not bool((out.sequences == fam.mask_id).any())
+        for r in range(3):
+            keep = mask[r].bool()
+            alone = fam.generate(ids[r:r + 1, keep], None, use_cache=mode, alg=alg)
+            assert torch.equal(out.sequences[r, int((~keep).sum()):], alone.sequences[0]), (mode, r)
+    one = ids[:1]
+    plain = fam.generate(one, None, alg=alg)
+    every = fam.generate(one, None, block=24, use_cache="prefix", cache_refresh_every=1, alg=alg)
+    assert torch.equal(every.sequences, plain.sequences)
+    with pytest.raises(ValueError, match="origin"):
+        fam.generate(ids, mask, use_cache="dual", alg="origin")
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        fam.generate(ids, mask, use_cache="dual", alg=alg, steps=20)
+    assert fam.calls == 0
+
+
 def test_llada_upstream_default_cached(fam):
     """Upstream's own loop through the cache (LLaDA): runs, fills every mask, makes `steps` forwards; with a full
     forward at every step (cache_refresh_every=1) it is exactly the uncached run."""
     if fam.family != "llada":
-        with pytest.raises(ValueError, match="alg='klass'"):
-            fam.generate(*fam.batch(), use_cache="dual", alg="maskgit_plus")
-        assert fam.calls == 0
-        return
+        pytest.skip("LLaDA's algorithm")
     ids, mask = fam.batch()
     plain = fam.generate(ids, mask)
     for mode in MODES:
@@ -246,3 +270,17 @@ def test_dream_specific_errors(fam):
         with pytest.raises(ValueError, match=match):
             fam.generate(ids, mask, **DREAM_KLASS, **kw)
         assert fam.calls == 0
+
+
+def test_cached_calls_return_what_upstream_returns(fam):
+    """Without return_dict_in_generate a cached call returns the tensor, as upstream does (KLASS and upstream's algs)."""
+    ids, mask = fam.batch()
+    calls = [dict(alg="klass")] + ([dict()] if fam.family == "llada" else [dict(alg="maskgit_plus")])
+    for kw in calls:
+        if fam.family == "llada":
+            out = fam.module.generate(fam.model, ids, mask, steps=24, gen_length=24, block_length=8,
+                                      mask_id=fam.mask_id, use_cache="dual", **kw)
+        else:
+            out = fam.model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=24, steps=24, temperature=0.0,
+                                               use_cache="dual", block_length=8, **kw)
+        assert isinstance(out, torch.Tensor) and out.shape == (3, 34), kw
