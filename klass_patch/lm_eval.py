@@ -14,7 +14,7 @@ GSM8K ones): ``pretrained`` (folder or hub id), ``family`` (llada|dream, default
 ``kl_threshold``, ``kl_history_length``, ``unmask_strategy``, ``steps``, ``gen_length``, ``block_length``,
 ``temperature``, ``top_p``, ``dtype`` (auto|bfloat16|float16|float32), ``llada_generate`` (path of LLaDA's
 ``generate.py``; default ./generate.py, else klass-patch's stand-in), ``save_steps`` (a folder: one step
-log per request), ``mask_id``, ``seed``; for ``loglikelihood``: ``mc_num`` (Monte Carlo samples, default
+log per request), ``mask_id``, ``seed``, ``use_cache`` (prefix|dual), ``cache_refresh_every``; for ``loglikelihood``: ``mc_num`` (Monte Carlo samples, default
 128), ``mc_batch_size`` (default 32), ``check_greedy`` (default false), ``max_length`` (default 4096).
 ``--batch_size N`` batches ``generate_until`` (left padding with an attention mask) where sampling draws no
 random numbers; ``--device`` as usual (one device per process under ``accelerate launch``).
@@ -70,7 +70,7 @@ class KlassLM(LM):
                  gen_length=None, block_length=None, temperature=None, top_p=None, dtype: str = "auto",
                  llada_generate: Optional[str] = None, save_steps: Optional[str] = None, mask_id=None, seed=0,
                  batch_size=1, max_batch_size=None, device: Optional[str] = None, mc_num=128, mc_batch_size=32,
-                 check_greedy=False, max_length=4096, **unused):
+                 check_greedy=False, max_length=4096, use_cache=None, cache_refresh_every=None, **unused):
         super().__init__()
         from .evaluation.loading import detect_family, load_llada_generate, load_model, resolve_device_dtype
         from .evaluation.runner import _Generator, rows_per_call
@@ -90,7 +90,8 @@ class KlassLM(LM):
                      unmask_strategy=_opt(unmask_strategy, str), steps=_opt(steps, int),
                      gen_length=_opt(gen_length, int), block_length=_opt(block_length, int),
                      temperature=_opt(temperature, float), top_p=_opt(top_p, float), mask_id=_opt(mask_id, int),
-                     seed=_opt(seed, int), batch_size=int(batch), save_steps=bool(_opt(save_steps, str)))
+                     seed=_opt(seed, int), batch_size=int(batch), save_steps=bool(_opt(save_steps, str)),
+                     use_cache=_opt(use_cache, str), cache_refresh_every=_opt(cache_refresh_every, int))
         self.family = detect_family(pretrained, _opt(family, str))
         # the KLASS thresholds default to the authors' GSM8K values (the table's first column)
         self.settings = resolve_settings(self.family, "gsm8k", **given)

@@ -5,6 +5,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixtures.eval import toys
 from klass_patch.evaluation import load_examples, resolve_settings, run_eval
@@ -81,6 +82,11 @@ def test_code_execution_refused_before_loading(tmp_path, capsys):
     (["--family", "dream", "--conf-threshold", "1.5"], "conf_threshold (--conf-threshold) must be a number in [0, 1]"),
     (["--family", "dream", "--data", "missing.jsonl"], "--data: no such file"),
     (["--family", "llada", "--batch-size", "0"], "batch_size (--batch-size) must be an int >= 1"),
+    (["--family", "llada", "--cache-refresh-every", "2"], "cache_refresh_every (--cache-refresh-every) applies to "
+                                                           "--use-cache only"),
+    (["--family", "dream", "--use-cache", "dual", "--alg", "origin"], "not origin"),
+    (["--family", "dream", "--block-length", "8"], "applies to LLaDA (and Dream with --use-cache) only"),
+    (["--family", "llada", "--use-cache", "dual", "--cache-refresh-every", "0"], "must be an int >= 1"),
     (["--limit", "0"], "no examples to evaluate"),
     ([], "--model: cannot load the config of"),
 ])
@@ -154,3 +160,35 @@ def test_plot_steps_errors(tmp_path, capsys):
     assert "is not a step log" in capsys.readouterr().err
     assert main(["plot-steps", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_use_cache_reaches_the_sampler_and_names_the_run(family):
+    """--use-cache / --cache-refresh-every (and Dream's --block-length with a cache) go to the sampler call, and
+    into the run's identity and label; a run without a cache keeps the identity it had before the cache existed."""
+    from klass_patch.evaluation.runner import _Generator, make_run
+    from klass_patch.evaluation.settings import resolve_settings
+    seen = {}
+
+    def generate(model, prompt, attention_mask=None, **kw):
+        seen.update(kw)
+        return prompt
+
+    class Dream:
+        generation_config = None
+
+        def diffusion_generate(self, ids, **kw):
+            seen.update(kw)
+            return ids
+
+    extra = dict(block_length=8) if family == "dream" else {}
+    s = resolve_settings(family, "gsm8k", use_cache="dual", cache_refresh_every=4, **extra)
+    gen = _Generator.__new__(_Generator)  # the call only, without loading or patching anything
+    gen.model, gen.s, gen.fn, gen.takes_mask = Dream(), s, generate, True
+    gen(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
+    assert seen["use_cache"] == "dual" and seen["cache_refresh_every"] == 4
+    assert seen["block_length"] == (8 if family == "dream" else 64)
+    run = make_run(s, "m", "d")
+    assert run["settings"]["use_cache"] == "dual" and run["method"].endswith("+ dual cache")
+    plain = make_run(resolve_settings(family, "gsm8k"), "m", "d")
+    assert "use_cache" not in plain["settings"] and "cache_refresh_every" not in plain["settings"]

@@ -50,11 +50,13 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--unmask-strategy", choices=("all", "max_conf", "min_kl"))
     s.add_argument("--gen-length", type=int)
     s.add_argument("--steps", type=int)
-    s.add_argument("--block-length", type=int, help="LLaDA only")
+    s.add_argument("--block-length", type=int, help="LLaDA; Dream with --use-cache (default 32)")
     s.add_argument("--temperature", type=float)
     s.add_argument("--top-p", type=float, help="Dream only")
     s.add_argument("--mask-id", type=int, help="LLaDA mask token id (default: the model's, else 126336)")
     s.add_argument("--seed", type=int)
+    s.add_argument("--use-cache", choices=("prefix", "dual"), help="KV cache (klass_patch.cache); default: none")
+    s.add_argument("--cache-refresh-every", type=int, help="with --use-cache: also a full forward every N forwards")
     s.add_argument("--save-steps", action="store_true", help="write each example's step log (steps/<id>.jsonl)")
     e.add_argument("--compare", nargs="+", metavar="DIR",
                    help="print the table of finished runs (their summary.json) instead of evaluating; "
@@ -95,7 +97,7 @@ def dispatch(args) -> "int | None":
 
 
 SAMPLING = ("alg", "conf_threshold", "kl_threshold", "kl_history_length", "unmask_strategy", "gen_length", "steps",
-            "block_length", "temperature", "top_p", "mask_id", "seed", "timeout")
+            "block_length", "temperature", "top_p", "mask_id", "seed", "timeout", "use_cache", "cache_refresh_every")
 
 
 def run_from_args(args) -> int:

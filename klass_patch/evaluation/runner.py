@@ -226,12 +226,15 @@ class _Generator:
                 kw.update(alg="klass", **s.klass_kwargs())
             if not bool(mask.all()):
                 kw["attention_mask"] = mask
-            out = self.fn(self.model, ids, **kw)
+            out = self.fn(self.model, ids, **kw, **s.cache_kwargs())
         else:
             kw = dict(attention_mask=mask, max_new_tokens=s.gen_length, steps=s.steps, temperature=s.temperature,
                       top_p=s.top_p, alg=s.alg, alg_temp=0.0, return_dict_in_generate=True, **s.klass_kwargs())
             if s.save_steps:
                 kw["save_steps"] = True
+            kw.update(s.cache_kwargs())
+            if s.use_cache is not None and s.block_length is not None:
+                kw["block_length"] = s.block_length
             out = self.model.diffusion_generate(ids, **kw)
         sequences = out.sequences if hasattr(out, "sequences") else out
         used = getattr(out, "used_steps", None)  # upstream Dream without KLASS: none; every step ran
@@ -397,7 +400,8 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
 
 def make_run(settings: Settings, model_name: str, data_source: str) -> dict:
     """What identifies a run: a folder holding another run is not resumed with this one."""
-    key = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RUN_KEY}
+    key = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RUN_KEY and
+           not (k in ("use_cache", "cache_refresh_every") and v is None)}  # runs made before the cache resume
     return {"model": model_name, "data": data_source, "method": settings.label(), "settings": key}
 
 

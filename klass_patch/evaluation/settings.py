@@ -38,7 +38,9 @@ KLASS_DEFAULTS = {
 }
 FLAG = {f: "--" + f.replace("_", "-") for f in (
     "alg", "gen_length", "steps", "block_length", "temperature", "top_p", "conf_threshold", "kl_threshold",
-    "kl_history_length", "unmask_strategy", "batch_size", "seed", "timeout", "mask_id")}
+    "kl_history_length", "unmask_strategy", "batch_size", "seed", "timeout", "mask_id", "use_cache",
+    "cache_refresh_every")}
+CACHE_MODES = ("prefix", "dual")  # klass_patch.cache
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Settings:
     alg: str
     gen_length: int
     steps: int
-    block_length: Optional[int]  # LLaDA only
+    block_length: Optional[int]  # LLaDA; Dream with use_cache (its cache decodes in blocks; default 32)
     temperature: float
     top_p: Optional[float]  # Dream only
     conf_threshold: Optional[float]  # KLASS only
@@ -62,6 +64,8 @@ class Settings:
     seed: int = 0
     timeout: float = 3.0  # seconds per program, code datasets (the authors' humaneval_timeout / eval_timeout)
     mask_id: Optional[int] = None  # LLaDA: None = the model's config / tokenizer, else 126336
+    use_cache: Optional[str] = None  # KV cache: None, "prefix" or "dual" (klass_patch.cache)
+    cache_refresh_every: Optional[int] = None  # with a cache: also a full forward every N forwards of a block
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,12 +73,18 @@ class Settings:
     def klass_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in KLASS_PARAMS} if self.alg == "klass" else {}
 
+    def cache_kwargs(self) -> dict:
+        """``use_cache`` / ``cache_refresh_every`` for the sampler call (none without a cache)."""
+        return {} if self.use_cache is None else dict(use_cache=self.use_cache,
+                                                      cache_refresh_every=self.cache_refresh_every)
+
     def label(self) -> str:
         """A short name of the method, for tables: ``klass (conf 0.6, KL 0.015, n 2)``."""
+        cache = "" if self.use_cache is None else f" + {self.use_cache} cache"
         if self.alg != "klass":
-            return self.alg
+            return self.alg + cache
         extra = "" if self.unmask_strategy == "all" else f", {self.unmask_strategy}"
-        return f"klass (conf {self.conf_threshold}, KL {self.kl_threshold}, n {self.kl_history_length}{extra})"
+        return f"klass (conf {self.conf_threshold}, KL {self.kl_threshold}, n {self.kl_history_length}{extra}){cache}"
 
 
 def _name(param):
@@ -112,13 +122,21 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
     alg = given.get("alg", "klass")
     if alg not in ALGS[family]:
         raise ValueError(f"{_name('alg')} must be one of {', '.join(ALGS[family])} for {family}, got {alg!r}")
-    not_here = {"llada": ("top_p",), "dream": ("block_length", "mask_id")}[family]
+    use_cache = given.get("use_cache")
+    if use_cache is not None and use_cache not in CACHE_MODES:
+        raise ValueError(f"{_name('use_cache')} must be one of {', '.join(CACHE_MODES)}, got {use_cache!r}")
+    if use_cache is not None and family == "dream" and alg == "origin":
+        raise ValueError(f"{_name('use_cache')} takes Dream's klass, maskgit_plus, topk_margin or entropy, not origin")
+    not_here = {"llada": ("top_p",), "dream": ("mask_id",) + (() if use_cache else ("block_length",))}[family]
     if alg != "klass":
         not_here += KLASS_PARAMS
+    if use_cache is None:
+        not_here += ("cache_refresh_every",)
     for param in not_here:
         if param in given:
-            who = "alg='klass'" if param in KLASS_PARAMS else {"top_p": "Dream", "block_length": "LLaDA",
-                                                                "mask_id": "LLaDA"}[param]
+            who = "alg='klass'" if param in KLASS_PARAMS else {
+                "top_p": "Dream", "block_length": "LLaDA (and Dream with --use-cache)", "mask_id": "LLaDA",
+                "cache_refresh_every": "--use-cache"}[param]
             raise ValueError(f"{_name(param)} applies to {who} only; drop it for {family} with alg={alg!r}")
 
     values = dict(FAMILY_DEFAULTS[family], alg=alg)
@@ -138,6 +156,8 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
     _check_float("timeout", s.timeout, 0.0, 3600.0, low_open=True)
     if s.mask_id is not None:
         _check_int("mask_id", s.mask_id, minimum=0)
+    if s.cache_refresh_every is not None:
+        _check_int("cache_refresh_every", s.cache_refresh_every)
     if family == "llada":
         _check_int("block_length", s.block_length)
         if s.gen_length % s.block_length:
