@@ -16,6 +16,7 @@ import torch
 
 import klass_patch
 from conftest import ENV, STANDIN, load_file
+from replay import DEVICE  # KLASS_PATCH_TEST_DEVICE=cuda: the models and inputs on a GPU
 from klass_patch.cache import (KVCache, dream_full_forward, dream_window_forward, llada_attached, llada_full_forward,
                                llada_window_forward, windows)
 from klass_patch.dream import _prepare_attention
@@ -84,12 +85,12 @@ class Family:
             files, sampler = _upstream_paths(family)
         klass_patch.apply()  # on transformers 5.x the model code needs klass_patch.compat's shims to load
         if family == "llada":
-            self.model = _from_files(family, source, files, sampler, tmp_path)
+            self.model = _from_files(family, source, files, sampler, tmp_path).to(DEVICE)
             self.module = load_file(sampler)
             klass_patch.apply(self.module)
             self.vocab, self.mask_id, self.pad = 250, 255, 250
         else:
-            self.model = _from_files(family, source, files, sampler, tmp_path)
+            self.model = _from_files(family, source, files, sampler, tmp_path).to(DEVICE)
             self.vocab, self.mask_id, self.pad = 190, 199, 198
         self.calls = 0
 
@@ -106,7 +107,7 @@ class Family:
         mask = torch.ones_like(ids)
         for r, n in enumerate(pads[:rows]):
             ids[r, :n], mask[r, :n] = self.pad, 0
-        return ids, mask
+        return ids.to(DEVICE), mask.to(DEVICE)
 
     def generate(self, ids, mask, gen=24, block=8, steps=24, **kw):
         self.calls = 0
