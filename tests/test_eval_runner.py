@@ -199,7 +199,8 @@ def test_bad_settings_raise_before_any_forward(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"alg \(--alg\) must be one of klass, maskgit_plus, origin, topk_margin, "
                                          r"entropy for dream, got 'default'"):
         resolve_settings("dream", "gsm8k", alg="default")
-    with pytest.raises(ValueError, match=r"block_length \(--block-length\) applies to LLaDA only"):
+    with pytest.raises(ValueError,
+                       match=r"block_length \(--block-length\) applies to LLaDA \(and Dream with --use-cache\) only"):
         resolve_settings("dream", "gsm8k", block_length=32)
     with pytest.raises(ValueError, match=r"conf_threshold \(--conf-threshold\) applies to alg='klass' only"):
         resolve_settings("llada", "gsm8k", alg="default", conf_threshold=0.5)
