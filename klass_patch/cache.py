@@ -119,18 +119,18 @@ class KVCache:
         self.k, self.v = {}, {}
         self.phase = None
         self.sel = None  # model rows of the current forward (LongTensor), None: all rows in order
-        self.pos = self.valid = None
+        self.pos = self.entries = None  # window forward: queried positions; (row, entry, position) of valid ones
         self.key_mask = None  # [rows, length] bool, False at padding (only when the batch has padding)
 
     @contextlib.contextmanager
-    def _phase(self, phase, sel, pos=None, valid=None):
+    def _phase(self, phase, sel, pos=None, entries=None):
         if sel is not None and len(sel) == self.rows:
             sel = None
-        self.phase, self.sel, self.pos, self.valid = phase, sel, pos, valid
+        self.phase, self.sel, self.pos, self.entries = phase, sel, pos, entries
         try:
             yield self
         finally:
-            self.phase = self.sel = self.pos = self.valid = None
+            self.phase = self.sel = self.pos = self.entries = None
 
     def full(self, sel=None):
         """Context of a full forward of model rows ``sel`` (None: all)."""
@@ -138,7 +138,11 @@ class KVCache:
 
     def window(self, sel, pos, valid):
         """Context of a window forward of model rows ``sel`` querying ``pos`` (``[n, width]``, ``valid`` likewise)."""
-        return self._phase("window", sel, pos, None if bool(valid.all()) else valid)
+        entries = None
+        if not bool(valid.all()):  # found once per forward, not in every layer's update
+            r, j = valid.nonzero(as_tuple=True)
+            entries = (r, j, pos[r, j])
+        return self._phase("window", sel, pos, entries)
 
     def window_key_mask(self):
         """``[n, length]`` bool key mask of the rows of the current window forward, or None without padding."""
@@ -163,13 +167,12 @@ class KVCache:
         keys, values = self.k[layer_idx], self.v[layer_idx]
         if self.sel is not None:  # a copy: rows of a window forward are a subset (kept values are not needed back)
             keys, values = keys[self.sel], values[self.sel]
-        if self.valid is None:
+        if self.entries is None:
             idx = self.pos[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
             keys.scatter_(2, idx, key_states.to(keys.dtype))
             values.scatter_(2, idx, value_states.to(values.dtype))
         else:  # only the valid entries (an invalid one repeats a valid position: a scatter could let it win)
-            r, j = self.valid.nonzero(as_tuple=True)
-            p = self.pos[r, j]
+            r, j, p = self.entries
             keys[r, :, p] = key_states[r, :, j].to(keys.dtype)
             values[r, :, p] = value_states[r, :, j].to(values.dtype)
         return keys, values

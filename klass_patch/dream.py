@@ -226,6 +226,12 @@ def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logi
         if histories is not None:
             histories.append(x.clone())
 
+    return _result(x, mask_id, start, gc, used, recorder, histories)
+
+
+def _result(x, mask_id, start, gc, used, recorder, histories):
+    """What a KLASS ``_sample`` returns (cached or not): the tensor, or, with ``return_dict_in_generate``, a
+    ``GenerateOutput`` with the forwards per row and the step records (or upstream's history)."""
     masks_left_warning(x, mask_id, start)
     if not gc.return_dict_in_generate:
         return x
@@ -337,16 +343,13 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
     sampling = gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None
     for i in range(steps):
         mask_index = x == mask_id
-        left = [(mask_index[r, plen + block[r] * bl:plen + (block[r] + 1) * bl]).any().item()
-                if block[r] < num_blocks else False for r in range(rows)]
+        has_masks = mask_index[:, plen:].view(rows, num_blocks, bl).any(-1).tolist()  # one sync per step
         for r in range(rows):  # a row moves on when its block has no mask left
-            while block[r] < num_blocks and not left[r]:
+            while block[r] < num_blocks and not has_masks[r][block[r]]:
                 block[r], step_in[r] = block[r] + 1, 0
-                left[r] = block[r] < num_blocks and bool(mask_index[r, plen + block[r] * bl:
-                                                                     plen + (block[r] + 1) * bl].any())
-        live = torch.tensor([b < num_blocks for b in block], device=x.device)
-        if not bool(live.any()):
+        if all(b >= num_blocks for b in block):
             break
+        live = torch.tensor([b < num_blocks for b in block], device=x.device)
         used += live
         bstart = torch.tensor([plen + b * bl for b in block], device=x.device)
         logits = forward(bstart, live, torch.tensor([cache.refreshes(s) for s in step_in], device=x.device))
@@ -364,10 +367,11 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
             scores = torch.full((rows, length), -math.inf, dtype=conf.dtype, device=x.device)
             scores[r_idx, p_idx] = conf
             transfer = torch.zeros_like(cand)
+            counts = cand.sum(-1).tolist()
             for r in range(rows):
                 if not block[r] < num_blocks:
                     continue
-                masks, j = int(cand[r].sum()), step_in[r]
+                masks, j = counts[r], step_in[r]
                 k = masks if j >= spb - 1 else int(masks * (1 - timesteps[j + 1] / timesteps[j]))
                 if k > 0 and not getattr(gc, "alg_temp", None):
                     transfer[r, scores[r].topk(k).indices] = True
@@ -419,8 +423,4 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
         if histories is not None:
             histories.append(x.clone())
 
-    masks_left_warning(x, mask_id, plen)
-    if not gc.return_dict_in_generate:
-        return x
-    return GenerateOutput(sequences=x, used_steps=used.cpu(),
-                          history=recorder.records if recorder is not None else histories)
+    return _result(x, mask_id, plen, gc, used, recorder, histories)

@@ -125,11 +125,13 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
             [attention_mask, torch.ones((rows, gen_length), dtype=attention_mask.dtype, device=device)], dim=-1)
     prompt_index = x != mask_id
     k_of_step = _schedule(module, block_length, spb)
+    # MMaDA: the mask as a pairwise bias (built once), and no mask at all under guidance
+    bias = mmada_bias(attention_mask) if mask_as_bias and cfg_scale == 0.0 else None
 
     def forward(ids):
         def call(inp, am):
-            if mask_as_bias:  # MMaDA: the mask as a pairwise bias, and no mask at all under guidance
-                return model(inp, attention_bias=None if cfg_scale > 0.0 else mmada_bias(am)).logits
+            if mask_as_bias:
+                return model(inp, attention_bias=bias).logits
             return (model(inp) if am is None else model(inp, attention_mask=am)).logits
         if cfg_scale > 0.0:
             un = ids.clone()

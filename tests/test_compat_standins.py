@@ -35,6 +35,7 @@ from packaging.version import Version  # noqa: E402
 import klass_patch  # noqa: E402
 from conftest import HF_TEMP, load_file  # noqa: E402
 from klass_patch import compat  # noqa: E402
+from compat_worker import _plain  # noqa: E402  (a generation output as tensors, lists and dicts)
 
 VERSION = Version(transformers.__version__)
 TF5 = VERSION.major >= 5
@@ -106,18 +107,6 @@ def _build(root, family, config, seed):
     model.save_pretrained(str(folder))
     _copy_code(family, folder)
     return model, folder
-
-
-def _plain(out):
-    """A generation output as tensors, lists and dicts (its class differs between stand-in and KLASS)."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().clone()
-    if isinstance(out, (list, tuple)):
-        return [_plain(x) for x in out]
-    if isinstance(out, dict) or hasattr(out, "__dataclass_fields__"):
-        items = out.items() if isinstance(out, dict) else vars(out).items()
-        return {k: _plain(v) for k, v in items if v is not None}
-    return out
 
 
 def _equal(x, y):
