@@ -166,8 +166,8 @@ def test_plot_steps_errors(tmp_path, capsys):
 def test_use_cache_reaches_the_sampler_and_names_the_run(family):
     """--use-cache / --cache-refresh-every (and Dream's --block-length with a cache) go to the sampler call, and
     into the run's identity and label; a run without a cache keeps the identity it had before the cache existed."""
-    from klass_patch.evaluation.runner import _Generator, make_run
-    from klass_patch.evaluation.settings import resolve_settings
+    from klass_patch.evaluation import Generator
+    from klass_patch.evaluation.runner import make_run
     seen = {}
 
     def generate(model, prompt, attention_mask=None, **kw):
@@ -183,7 +183,7 @@ def test_use_cache_reaches_the_sampler_and_names_the_run(family):
 
     extra = dict(block_length=8) if family == "dream" else {}
     s = resolve_settings(family, "gsm8k", use_cache="dual", cache_refresh_every=4, **extra)
-    gen = _Generator.__new__(_Generator)  # the call only, without loading or patching anything
+    gen = Generator.__new__(Generator)  # the call only, without loading or patching anything
     gen.model, gen.s, gen.fn, gen.takes_mask = Dream(), s, generate, True
     gen(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
     assert seen["use_cache"] == "dual" and seen["cache_refresh_every"] == 4

@@ -24,13 +24,10 @@ no random numbers, and there a row comes out as alone (up to the rounding of bat
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import re
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -40,26 +37,15 @@ from ..files import atomic_write
 from .data import Example, messages
 from .distributed import RESULTS, SHARD, Dist, ShardFollower, merge_shards
 from .execution import humaneval_program, mbpp_program, run_program
+from .generation import Generator, decode, encode, final_kl, rows_per_call, split_history
 from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
 from .settings import CODE_DATASETS, Settings
 
 SUMMARY, STEPS = "summary.json", "steps"
-LLADA_MASK_ID = 126336
+_Generator = Generator  # the old private name, until klass_patch.lm_eval imports Generator from the package
 # Settings that do not change what a run generates: a run may be resumed with other values of these.
 # (batch_size: see rows_per_call.)
 NOT_IN_RUN_KEY = ("batch_size", "save_steps")
-
-
-def draws_random(settings: Settings) -> bool:
-    """Whether the sampler draws random numbers: temperature > 0, LLaDA ``random`` remasking, Dream ``origin``."""
-    return settings.temperature > 0 or settings.alg in ("random", "origin")
-
-
-def rows_per_call(settings: Settings) -> int:
-    """Examples per sampler call: ``batch_size``, or 1 where sampling is random. The rows of a batch share
-    one torch random stream, so a row's draws would depend on the other rows; alone, each example draws
-    from its own seed (``example_seed``) and gives the same text at any ``batch_size``, resumed or not."""
-    return 1 if draws_random(settings) else settings.batch_size
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -121,15 +107,6 @@ def versions() -> dict:
     return found
 
 
-def llada_generate_of(obj) -> Callable:
-    """The patched ``generate`` of a LLaDA ``generate.py`` module (or of the module of a function)."""
-    import klass_patch
-
-    module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", ""), None)
-    klass_patch.apply(module if module is not None else obj)
-    return getattr(module, "generate") if module is not None else obj
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -149,98 +126,6 @@ def grade(dataset: str, example: Example, generation: str, timeout: float) -> di
         code = mbpp_code(generation)
         result = run_program(mbpp_program(example.raw, code), timeout)
     return {"answer": code, "correct": result.passed, "exec": result.status}
-
-
-def decode(tokenizer, ids: torch.Tensor, family: str, dataset: str) -> str:
-    """A generation's text as the authors decode it: LLaDA ``batch_decode(skip_special_tokens=True)``,
-    Dream ``decode`` of everything; both cut at the first EOS token's text (LLaDA: code datasets only)."""
-    eos = getattr(tokenizer, "eos_token", None)
-    if family == "llada":
-        text = tokenizer.batch_decode(ids.unsqueeze(0), skip_special_tokens=True)[0]
-        cut = dataset in CODE_DATASETS
-    else:
-        text, cut = tokenizer.decode(ids.tolist()), True
-    return text.split(eos)[0] if (cut and eos) else text
-
-
-def encode(tokenizer, texts: List[str], family: str, device):
-    """Left-padded ``input_ids`` and ``attention_mask``. LLaDA: ``tokenizer(prompt)`` as the authors'
-    LLaDA script; Dream: no special tokens added, as ``apply_chat_template(tokenize=True)`` does."""
-    rows = [list(tokenizer(t, add_special_tokens=family == "llada")["input_ids"]) for t in texts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def split_history(history: list, row: int, rows: int) -> list:
-    """One row's step records out of a batch's (row renumbered 0; steps where it was done left out)."""
-    if rows == 1:
-        return history
-    out = []
-    for rec in history:
-        done = [dict(t, row=0) for t in rec["decoded_tokens"] if t["row"] == row]
-        every = [dict(t, row=0) for t in rec["all_tokens"] if t["row"] == row]
-        if done or every:
-            out.append({"step": rec["step"], "decoded_tokens_num": len(done), "decoded_tokens": done,
-                        "all_tokens": every})
-    return out
-
-
-def final_kl(history: list) -> Optional[float]:
-    """Mean, over the generated tokens, of the KL divergence each had at the step it was decided."""
-    kls = [t["kl_divergence"] for rec in history for t in rec["decoded_tokens"]]
-    return sum(kls) / len(kls) if kls else None
-
-
-class _Generator:
-    """One batch of prompts -> (sequences, used steps, step records) with the run's settings."""
-
-    def __init__(self, model, settings: Settings, generate_fn=None):
-        self.model, self.s = model, settings
-        if settings.family == "llada":
-            if generate_fn is None:
-                raise ValueError("LLaDA needs generate_fn: the generate function (or module) of LLaDA's "
-                                 "generate.py, e.g. klass_patch.toy.llada_generate")
-            self.fn = llada_generate_of(generate_fn)
-            self.takes_mask = "attention_mask" in inspect.signature(self.fn).parameters
-            if rows_per_call(settings) > 1 and not self.takes_mask:
-                raise ValueError("batch_size (--batch-size) > 1 needs a LLaDA generate() that takes "
-                                 "attention_mask (the 2025-10 generate.py); use --batch-size 1 with this one")
-        else:
-            import klass_patch
-
-            klass_patch.apply(model)  # the model's DreamGenerationMixin takes alg="klass" from now on
-
-    def __call__(self, ids, mask):
-        s = self.s
-        if s.family == "llada":
-            kw = dict(steps=s.steps, gen_length=s.gen_length, block_length=s.block_length,
-                      temperature=s.temperature, remasking="random" if s.alg == "random" else "low_confidence",
-                      mask_id=s.mask_id, return_dict_in_generate=True, save_steps=s.save_steps)
-            if s.alg == "klass":
-                kw.update(alg="klass", **s.klass_kwargs())
-            if not bool(mask.all()):
-                kw["attention_mask"] = mask
-            out = self.fn(self.model, ids, **kw, **s.cache_kwargs())
-        else:
-            kw = dict(attention_mask=mask, max_new_tokens=s.gen_length, steps=s.steps, temperature=s.temperature,
-                      top_p=s.top_p, alg=s.alg, alg_temp=0.0, return_dict_in_generate=True, **s.klass_kwargs())
-            if s.save_steps:
-                kw["save_steps"] = True
-            kw.update(s.cache_kwargs())
-            if s.use_cache is not None and s.block_length is not None:
-                kw["block_length"] = s.block_length
-            out = self.model.diffusion_generate(ids, **kw)
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        used = getattr(out, "used_steps", None)  # upstream Dream without KLASS: none; every step ran
-        used = [int(u) for u in used] if used is not None else [s.steps] * sequences.shape[0]
-        history = out.history if s.save_steps else None
-        return sequences, used, history
 
 
 def _sync(device):
@@ -286,12 +171,8 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
     return the summary of their own share). See ``distributed``.
     """
     refuse_code_execution(settings.dataset, allow_code_execution)
-    s = settings
-    if s.family == "llada" and s.mask_id is None:
-        found = getattr(getattr(model, "config", None), "mask_token_id", None)
-        found = found if found is not None else getattr(tokenizer, "mask_token_id", None)
-        s = dataclasses.replace(s, mask_id=int(found) if found is not None else LLADA_MASK_ID)
-    generator = _Generator(model, s, generate_fn)
+    generator = Generator(model, settings, generate_fn, tokenizer)
+    s = generator.settings  # LLaDA's mask_id resolved
     if not examples:
         raise ValueError("no examples to evaluate (check --data and --limit)")
     rows = rows_per_call(s)
