@@ -306,9 +306,11 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
     plen = input_ids.shape[1]
     gen = length - plen
     bl = block_length if block_length is not None else min(DEFAULT_BLOCK, gen)
-    if plen < 1 or gen < 1 or gen % bl:
-        raise ValueError(f"use_cache: the generated length ({gen}) must be a multiple of block_length ({bl}), "
-                         f"after a prompt of at least one token (got {plen})")
+    if plen < 1:
+        raise ValueError(f"use_cache needs a prompt of at least one token (the input has {plen})")
+    if gen < 1 or gen % bl:
+        raise ValueError(f"use_cache: the generated length ({gen} = max_length {gc.max_length} - prompt length "
+                         f"{plen}) must be a positive multiple of block_length ({bl})")
     num_blocks = gen // bl
     if config is None:
         if save_steps:

@@ -103,3 +103,16 @@ def test_llada_lengths_accept_numpy_ints():
     b = module.generate(ToyDenoiser(), torch.tensor([[3, 4]]), steps=8, gen_length=8, block_length=4, mask_id=63,
                         alg="klass")
     assert torch.equal(a, b)
+
+
+def test_dream_cache_block_length_message_explains_its_numbers(tmp_path):
+    """Issue 18, item 12: the message ended with an unexplained "(got 8)" (the prompt length)."""
+    from test_cache import Family
+    fam = Family("dream", "standin", tmp_path)
+    ids, mask = fam.batch()
+    with pytest.raises(ValueError) as err:
+        fam.generate(ids, mask, alg="klass", use_cache="dual", block_length=5)
+    message = str(err.value)
+    assert "generated length (24 = max_length 34 - prompt length 10)" in message, message
+    assert "multiple of block_length (5)" in message and "got" not in message, message
+    assert fam.calls == 0
