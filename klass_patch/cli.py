@@ -108,10 +108,19 @@ def files(command, dream, llada, dry_run=False) -> int:
         try:
             if command == "status":
                 print(installer.state(target).describe())
+                local = installer.local_copy_of(target.path)
+                if local is not None:
+                    print(f"  {installer.copy_advice(target, local, 'status')}")
             elif command == "install":
                 print(installer.install(target, dry_run=dry_run).describe())
             else:
                 print(installer.revert(target).describe())
+        except installer.LocalCopyError as e:
+            if command == "install" and discovered:  # listed, left alone; the install goes on
+                print(e)
+                continue
+            print(f"klass-patch {command}: {e}", file=sys.stderr)  # named, or a patched folder left unreverted
+            failed += 1
         except installer.UnknownVersionError as e:
             if not discovered:  # named on the command line: installing it failed
                 print(f"klass-patch {command}: {e}", file=sys.stderr)

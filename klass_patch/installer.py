@@ -108,6 +108,11 @@ class InstallError(Exception):
     """A target that cannot be installed, reverted or read; the message says why and what to do."""
 
 
+class LocalCopyError(InstallError):
+    """transformers' modules-cache copy of a local folder's file (``local_copy_of``): not a target, since every
+    load copies the folder's own file over it again. The message names the command to run on the folder."""
+
+
 class UnknownVersionError(InstallError):
     """A file that is none of the known versions of its family: nothing is written. ``reason`` is the message
     without the path and sha256 (discovery reports it as a skipped file)."""
@@ -250,6 +255,9 @@ class Catalog:
 
 
 # --------------------------------------------------------------------------------------------- targets
+LOCAL_COPY = "modules cache, copy of a local folder"
+
+
 @dataclass(frozen=True)
 class Target:
     family: str
@@ -285,6 +293,40 @@ def modules_cache(env=os.environ) -> Path:
     return Path(explicit).expanduser() if explicit else _hf_home(env) / "modules"
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub model's copy: transformers_modules/<org>/<repo>/<commit>/
+SOURCE_HASH = re.compile(r"[0-9a-f]{16}")  # a local folder's copy on 5.x: <folder name>/<hash of its sources>/
+
+
+def local_copy_of(path, env=os.environ) -> Optional[str]:
+    """When ``path`` is transformers' modules-cache copy of a local folder's file: the folder's name as far as
+    transformers kept it ("" when it kept none); otherwise None. transformers copies a hub model's files
+    into ``transformers_modules/<org>/<repo>/<commit>/`` once; a local folder's into ``<folder name>/``
+    (4.x) or ``<folder name>/<hash of its sources>/`` (5.x), and at every load copies the folder's file over
+    that copy when they differ. So a change there is undone by the next load: the folder is the target.
+    transformers records the folder's name only (5.x: with ``-``/``.`` spelled ``_hyphen_``/``_dot_``)."""
+    root = os.path.realpath(modules_cache(env) / "transformers_modules")
+    folder = os.path.realpath(Path(path).parent)
+    if os.path.commonpath([root, folder]) != root:
+        return None
+    parts = Path(folder).relative_to(root).parts
+    if any(COMMIT.fullmatch(part) for part in parts):
+        return None
+    if len(parts) >= 2 and SOURCE_HASH.fullmatch(parts[-1]):
+        parts = parts[:-1]
+    return parts[-1].replace("_hyphen_", "-").replace("_dot_", ".") if parts else ""
+
+
+def copy_advice(target: Target, name: str, command: str) -> str:
+    """What to say about a local folder's copy (``local_copy_of``) to ``command`` (install, revert, status)."""
+    named = f" named {name!r}" if name else ""
+    lead = {"install": "not installed, nothing written: ", "revert": "patched (as its folder was when loaded), "
+            "not reverted here: "}.get(command, "")
+    tail = "; that also removes this copy" if command == "revert" else ""
+    return (f"{target.path}: {lead}transformers' copy of a local folder{named}, not a target (every load copies "
+            f"the folder's own {FILENAME[target.family]} over it). Use the folder itself: klass-patch {command} "
+            f"--{target.family} FOLDER, FOLDER being the folder you loaded the model from{tail}")
+
+
 def _is_family(path: Path, family: str) -> bool:
     with contextlib.suppress(OSError, UnicodeDecodeError):
         return SIGNATURE[family] in path.read_text()
@@ -293,12 +335,13 @@ def _is_family(path: Path, family: str) -> bool:
 
 def discover(env=os.environ, cwd=None) -> List[Target]:
     """Dream files in the hub cache's snapshots and in the modules cache; LLaDA's generate.py in ``cwd``.
-    Modules-cache copies come first: installing a hub snapshot refreshes its stale copies there."""
+    Modules-cache copies come first: installing a hub snapshot refreshes its stale copies there. Copies of
+    local folders are listed as such (origin ``LOCAL_COPY``): install and revert leave them alone."""
     found = []
     modules = modules_cache(env) / "transformers_modules"
     if modules.is_dir():
-        found += [Target("dream", p, "modules cache") for p in sorted(modules.rglob(FILENAME["dream"]))
-                  if _is_family(p, "dream")]
+        found += [Target("dream", p, LOCAL_COPY if local_copy_of(p, env) is not None else "modules cache")
+                  for p in sorted(modules.rglob(FILENAME["dream"])) if _is_family(p, "dream")]
     hub = hub_cache(env)
     if hub.is_dir():
         found += [Target("dream", p, "hub cache") for p in sorted(hub.glob(f"models--*/snapshots/*/{FILENAME['dream']}"))
@@ -410,6 +453,9 @@ class Result:
 def install(target: Target, dry_run: bool = False, catalog: Optional[Catalog] = None, env=os.environ) -> Result:
     """Rewrite one file (see the module docstring). Unknown versions raise ``InstallError``; nothing is written."""
     catalog = catalog or Catalog()
+    local = local_copy_of(target.path, env)
+    if local is not None:
+        raise LocalCopyError(copy_advice(target, local, "install"))
     with _locked(target.path.parent):
         st = state(target, catalog)
         if st.kind == "patched":
@@ -449,13 +495,18 @@ def install(target: Target, dry_run: bool = False, catalog: Optional[Catalog] = 
 
 
 def revert(target: Target, catalog: Optional[Catalog] = None, env=os.environ) -> Result:
-    """Put the backup back (sha256 checked) and remove it and the record."""
+    """Put the backup back (sha256 checked) and remove it and the record. A local folder's copy in the modules
+    cache (``local_copy_of``) without a backup raises ``LocalCopyError`` naming the command for the folder."""
     catalog = catalog or Catalog()
+    local = local_copy_of(target.path, env)
     with _locked(target.path.parent):
         st = state(target, catalog)
         if st.kind != "patched":
-            return Result(target, "not patched", st.version, notes=["nothing changed"])
+            notes = _leftovers(target, st) if local is not None else []
+            return Result(target, "not patched", st.version, notes=notes or ["nothing changed"])
         backup = _sidecar(target.path, BACKUP)
+        if not backup.exists() and local is not None:  # a copy of an installed folder's file: no backup here
+            raise LocalCopyError(copy_advice(target, local, "revert"))
         if not backup.exists():
             raise InstallError(f"{target.path}: patched, but its backup {backup} is gone; restore the original "
                                "from upstream (e.g. re-download it)")
@@ -472,6 +523,18 @@ def revert(target: Target, catalog: Optional[Catalog] = None, env=os.environ) ->
             os.unlink(_sidecar(target.path, RECORD))
     notes = [f"restored sha256 {sha256(target.path.read_bytes())}"] + _refresh_copies(target, patched, env)
     return Result(target, "reverted", st.version, notes=notes)
+
+
+def _leftovers(target: Target, st: State) -> List[str]:
+    """A local folder's copy that an earlier klass-patch installed into, since put back to the original by a
+    load: the backup and record left next to it go (the file is the original they recorded)."""
+    record = _read_record(target.path)
+    if not record or record.get("original_sha256") != st.sha256:
+        return []
+    for suffix in (BACKUP, RECORD):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_sidecar(target.path, suffix))
+    return [f"removed the {BACKUP} and {RECORD} an earlier install left here (the file is the original again)"]
 
 
 def _refresh_copies(target: Target, old: bytes, env) -> List[str]:

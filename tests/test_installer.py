@@ -16,6 +16,7 @@ from klass_patch.toy.models import ToyDenoiser, dream_model
 from klass_patch.versions import KNOWN, sha256
 
 FAMILIES = ["llada", "dream"]
+COMMITS = ("c1" * 20, "c2" * 20)  # hub commit hashes: 40 hex digits, as transformers names a hub model's copy
 
 
 def copy_standin(family, folder, data=None):
@@ -253,16 +254,16 @@ def make_hub(tmp_path, data):
     blob.parent.mkdir(parents=True)
     blob.write_bytes(data)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c2")
+    (repo / "refs" / "main").write_text(COMMITS[1])
     links = []
-    for commit in ("c1", "c2"):
+    for commit in COMMITS:
         snap = repo / "snapshots" / commit
         snap.mkdir(parents=True)
         (snap / "generation_utils.py").symlink_to(Path("..", "..", "blobs", blob.name))
         links.append(snap / "generation_utils.py")
     modules = tmp_path / "hf" / "modules" / "transformers_modules"
-    stale = modules / "Org" / "Dream-Tiny" / "c1" / "generation_utils.py"
-    other = modules / "other-model" / "generation_utils.py"
+    stale = modules / "Org" / "Dream-Tiny" / COMMITS[0] / "generation_utils.py"
+    other = modules / "other-model" / "generation_utils.py"  # a local folder's copy (no commit folder)
     for copy, content in ((stale, data), (other, data + b"\n# another model's own copy\n")):
         copy.parent.mkdir(parents=True)
         copy.write_bytes(content)
@@ -294,8 +295,9 @@ def test_discovery_honours_the_cache_variables(tmp_path, monkeypatch):
     copy_standin("llada", cwd)
     (cwd / "unrelated").mkdir()
     found = installer.discover({"HF_HOME": str(tmp_path / "hf")}, cwd=cwd)
-    assert [(t.family, t.origin) for t in found] == [("dream", "modules cache")] * 2 + [("dream", "hub cache")] * 2 + [
-        ("llada", "current directory")]
+    assert [(t.family, t.origin) for t in found] == [("dream", "modules cache"), ("dream", installer.LOCAL_COPY)] + [
+        ("dream", "hub cache")] * 2 + [("llada", "current directory")]
+    assert [t.path for t in found[:2]] == [stale, other]
     assert set(t.path for t in found) == {stale, other, *links, cwd / "generate.py"}
     split = {"HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_MODULES_CACHE": str(tmp_path / "nowhere")}
     assert [t.origin for t in installer.discover(split, cwd=tmp_path)] == ["hub cache"] * 2
@@ -368,8 +370,9 @@ def test_discovery_skips_unknown_versions_and_goes_on(tmp_path, monkeypatch, cap
     monkeypatch.setattr(installer, "KNOWN", catalog.versions)
     monkeypatch.setattr(installer, "DIFFS", catalog.diffs)
     modules = tmp_path / "hf" / "modules" / "transformers_modules"
-    edited = copy_standin("dream", modules / "fine-tune", STANDIN["dream"].read_bytes() + b"\n# edited\n")
-    known = copy_standin("dream", modules / "Org" / "Dream-Tiny")
+    edited = copy_standin("dream", modules / "Org" / "Fine-Tune" / COMMITS[0],
+                          STANDIN["dream"].read_bytes() + b"\n# edited\n")
+    known = copy_standin("dream", modules / "Org" / "Dream-Tiny" / COMMITS[0])
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for name in ("HF_HUB_CACHE", "HF_MODULES_CACHE"):
         monkeypatch.delenv(name, raising=False)

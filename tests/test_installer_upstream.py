@@ -29,11 +29,11 @@ def _cases():
     return cases or [pytest.param(None, None, None, id="upstream", marks=pytest.mark.skip(reason=SKIP_MSG))]
 
 
-def klass_patch_cli(*args, cwd=None, env=None):
+def klass_patch_cli(*args, cwd=None, env=None, rc=0):
     out = subprocess.run([sys.executable, "-m", "klass_patch", *args], capture_output=True, text=True, cwd=cwd,
                          env={**os.environ, **(env or {})})
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    assert out.returncode == rc, out.stdout + out.stderr
+    return out.stdout if rc == 0 else out.stderr
 
 
 @pytest.mark.parametrize("family,path,variant", _cases())
@@ -117,7 +117,8 @@ def _dream_cases():
 @pytest.mark.parametrize("generation_utils", _dream_cases())
 def test_dream_end_to_end_from_pretrained(generation_utils, tmp_path):
     """A tiny random Dream folder (real remote code), installed, loaded in a fresh process without apply():
-    alg="klass" gives what the runtime patch gives on the untouched folder; maskgit_plus is upstream's."""
+    alg="klass" gives what the runtime patch gives on the untouched folder; maskgit_plus is upstream's.
+    Discovery leaves the folder's copy in the modules cache alone and says which command to run instead."""
     pytest.importorskip("transformers")
     model_files = Path(os.environ[ENV]) / "dream-model"
     pristine = tmp_path / "dream-tiny"
@@ -126,7 +127,8 @@ def test_dream_end_to_end_from_pretrained(generation_utils, tmp_path):
         shutil.copyfile(model_files / name, pristine / name)
     shutil.copyfile(generation_utils, pristine / "generation_utils.py")
     (pristine / "config.json").write_text(json.dumps(CONFIG))
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
     def python(code, *args):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
@@ -139,6 +141,11 @@ def test_dream_end_to_end_from_pretrained(generation_utils, tmp_path):
     untouched = json.loads(python(RUN, str(pristine), "plain").splitlines()[-1])
     runtime = json.loads(python(RUN, str(pristine), "apply").splitlines()[-1])
     assert "Unknown alg" in untouched["klass"]["error"] or "klass" in untouched["klass"]["error"]
+    copies = sorted((tmp_path / "modules").rglob("generation_utils.py"))  # transformers' copy of the folder's
+    assert [c.read_bytes() for c in copies] == [generation_utils.read_bytes()]
+    out = klass_patch_cli("install", cwd=tmp_path, env=env)  # discovery, as install.sh runs it
+    assert f"{copies[0]}: not installed, nothing written" in out and "klass-patch install --dream FOLDER" in out
+    assert sorted((tmp_path / "modules").rglob("generation_utils.py*")) == copies
 
     installed = tmp_path / "installed" / "dream-tiny"  # same folder name: the same modules-cache entry
     shutil.copytree(pristine, installed)
@@ -148,7 +155,14 @@ def test_dream_end_to_end_from_pretrained(generation_utils, tmp_path):
     assert rewritten["klass"] == runtime["klass"]
     assert rewritten["klass"]["used_steps"][0] < 16  # parallel unmasking happened
     assert rewritten["maskgit_plus"]["sequences"] == untouched["maskgit_plus"]["sequences"]
-    klass_patch_cli("revert", "--dream", str(installed), env=env)
+    patched = [c for c in (tmp_path / "modules").rglob("generation_utils.py")
+               if c.read_bytes() == (installed / "generation_utils.py").read_bytes()]
+    assert len(patched) == 1  # the load copied the installed file; no backup next to it
+    err = klass_patch_cli("revert", cwd=tmp_path, env=env, rc=1)
+    assert f"{patched[0]}: patched (as its folder was when loaded), not reverted here" in err
+    assert "klass-patch revert --dream FOLDER" in err and "is gone" not in err
+    out = klass_patch_cli("revert", "--dream", str(installed), env=env)
+    assert f"removed stale copy {patched[0]}" in out and not patched[0].exists()
     assert sha256((installed / "generation_utils.py").read_bytes()) == sha256(generation_utils.read_bytes())
 
 
