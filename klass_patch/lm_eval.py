@@ -15,9 +15,13 @@ GSM8K ones): ``pretrained`` (folder or hub id), ``family`` (llada|dream, default
 ``temperature``, ``top_p``, ``dtype`` (auto|bfloat16|float16|float32), ``llada_generate`` (path of LLaDA's
 ``generate.py``; default ./generate.py, else klass-patch's stand-in), ``save_steps`` (a folder: one step
 log per request), ``mask_id``, ``seed``, ``use_cache`` (prefix|dual), ``cache_refresh_every``; for ``loglikelihood``: ``mc_num`` (Monte Carlo samples, default
-128), ``mc_batch_size`` (default 32), ``check_greedy`` (default false), ``max_length`` (default 4096).
+128), ``mc_batch_size`` (default 32), ``check_greedy`` (default true: whether greedy decoding of the masked
+continuation writes it, lm-eval's ``is_greedy``, which lambada's ``acc`` and multiple-choice ``exact_match``
+read; false skips it, with a warning, and those metrics read 0), ``max_length`` (default 4096: a longer
+context + continuation loses context tokens from the left, with a warning, as lm-eval's HFLM).
 ``--batch_size N`` batches ``generate_until`` (left padding with an attention mask) where sampling draws no
-random numbers; ``--device`` as usual (one device per process under ``accelerate launch``).
+random numbers; ``--device`` as usual (one device per process under ``accelerate launch``; not given: CUDA
+where available, else cpu).
 
 The task's ``until`` strings cut the decoded text; its ``max_gen_toks``, ``temperature`` and ``do_sample``
 are not used (a diffusion model writes ``gen_length`` positions; sampling is set in ``model_args``).
@@ -44,14 +48,30 @@ from lm_eval.api.model import LM
 log = logging.getLogger("klass_patch.lm_eval")
 
 NAME = "klass"
-TRUE = ("1", "true", "yes", "on")
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm-eval's command line passes when no --device is given
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOGLIKELIHOOD_TASKS = ("multiple-choice and loglikelihood tasks: arc_easy, arc_challenge, hellaswag, mmlu, piqa, "
                        "winogrande, lambada, ...")
 ROLLING_TASKS = "perplexity tasks (loglikelihood_rolling): wikitext, pile_*, lambada's perplexity metric, ..."
 
 
-def _bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in TRUE
+def _bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in TRUE + FALSE:
+        raise ValueError(f"{name} must be one of {', '.join(TRUE + FALSE)}, got {value!r}")
+    return word in TRUE
+
+
+def _int(value, name: str, least: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < least or str(number) != str(value).strip():
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return number
 
 
 def _opt(value, kind):
@@ -70,47 +90,26 @@ class KlassLM(LM):
                  gen_length=None, block_length=None, temperature=None, top_p=None, dtype: str = "auto",
                  llada_generate: Optional[str] = None, save_steps: Optional[str] = None, mask_id=None, seed=0,
                  batch_size=1, max_batch_size=None, device: Optional[str] = None, mc_num=128, mc_batch_size=32,
-                 check_greedy=False, max_length=4096, use_cache=None, cache_refresh_every=None, **unused):
+                 check_greedy=True, max_length=4096, use_cache=None, cache_refresh_every=None, **unused):
         super().__init__()
-        from .evaluation.loading import detect_family, load_llada_generate, load_model, resolve_device_dtype
+        from .evaluation.loading import load_llada_generate, load_model, resolve_device_dtype
         from .evaluation.runner import _Generator, rows_per_call
-        from .evaluation.settings import resolve_settings
 
         if not pretrained:
             raise ValueError("model_args needs pretrained=<model folder or hub id>")
         if unused:
             log.warning("klass: model_args not used: %s", ", ".join(sorted(unused)))
-        self.batch_size_arg = batch_size
-        batch = str(batch_size)
-        if batch.startswith("auto"):
-            log.warning("klass: batch_size %s: no automatic batch size for diffusion sampling; using 1", batch)
-            batch = "1"
         given = dict(alg=alg or "klass", conf_threshold=_opt(conf_threshold, float),
                      kl_threshold=_opt(kl_threshold, float), kl_history_length=_opt(kl_history_length, int),
                      unmask_strategy=_opt(unmask_strategy, str), steps=_opt(steps, int),
                      gen_length=_opt(gen_length, int), block_length=_opt(block_length, int),
                      temperature=_opt(temperature, float), top_p=_opt(top_p, float), mask_id=_opt(mask_id, int),
-                     seed=_opt(seed, int), batch_size=int(batch), save_steps=bool(_opt(save_steps, str)),
+                     seed=_opt(seed, int), save_steps=bool(_opt(save_steps, str)),
                      use_cache=_opt(use_cache, str), cache_refresh_every=_opt(cache_refresh_every, int))
-        self.family = detect_family(pretrained, _opt(family, str))
-        # the KLASS thresholds default to the authors' GSM8K values (the table's first column)
-        self.settings = resolve_settings(self.family, "gsm8k", **given)
+        self._read_settings(pretrained, family, batch_size, given)
         self.steps_dir = Path(save_steps) if _opt(save_steps, str) else None
-
-        self.accelerator = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: requests sharded by lm-eval
-            import accelerate
-
-            on_cpu = not torch.cuda.is_available() or str(device or "").startswith("cpu")
-            accelerator = accelerate.Accelerator(cpu=on_cpu)  # cpu=True: gloo across CPU processes
-            if accelerator.num_processes > 1:
-                self.accelerator = accelerator
-                self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-                device = str(accelerator.device)
-        if device and device.startswith("cuda") and not torch.cuda.is_available():
-            log.warning("klass: device %s asked for but CUDA is not available; using cpu", device)
-            device = "cpu"
-        device, torch_dtype = resolve_device_dtype(device, dtype or "auto")
+        self._read_loglikelihood_args(mc_num, mc_batch_size, check_greedy, max_length)
+        device, torch_dtype = resolve_device_dtype(self._pick_device(device), dtype or "auto")
         self._device = torch.device(device)
         generate_fn = None
         if self.family == "llada":
@@ -125,13 +124,49 @@ class KlassLM(LM):
         self.generator = _Generator(self.model, s, generate_fn)
         self.mask_token = s.mask_id if s.mask_id is not None else self._mask_id()
         self.rows = rows_per_call(s)
-        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
-        if self.mc_num < 1 or self.mc_batch_size < 1 or self.mc_num % self.mc_batch_size:
-            raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch_size ({mc_batch_size})")
-        self.check_greedy, self.max_length = _bool(check_greedy), int(max_length)
         self.forwards = defaultdict(list)  # task -> used steps of each of this process's requests
         self.forwards_total = None  # {task: (sum, count)} over every process, after generate_until
         log.info("klass: %s (%s) on %s, %s", pretrained, self.family, device, s.label())
+
+    def _read_settings(self, pretrained, family, batch_size, given: dict) -> None:
+        from .evaluation.loading import detect_family
+        from .evaluation.settings import resolve_settings
+
+        self.batch_size_arg = batch_size
+        batch = str(batch_size)
+        if batch.startswith("auto"):
+            log.warning("klass: batch_size %s: no automatic batch size for diffusion sampling; using 1", batch)
+            batch = "1"
+        self.family = detect_family(pretrained, _opt(family, str))
+        # the KLASS thresholds default to the authors' GSM8K values (the table's first column)
+        self.settings = resolve_settings(self.family, "gsm8k", batch_size=int(batch), **given)
+
+    def _read_loglikelihood_args(self, mc_num, mc_batch_size, check_greedy, max_length) -> None:
+        """``loglikelihood``'s model_args, checked before the model is loaded."""
+        self.mc_num, self.mc_batch_size = _int(mc_num, "mc_num", 1), _int(mc_batch_size, "mc_batch_size", 1)
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch_size ({mc_batch_size})")
+        self.check_greedy = _bool(check_greedy, "check_greedy")
+        self.max_length = _int(max_length, "max_length (tokens of context + continuation)", 2)
+        self._greedy_warned = False
+
+    def _pick_device(self, device: Optional[str]) -> Optional[str]:
+        """The device asked for (``None``: CUDA where available, else cpu); under ``accelerate launch`` with
+        several processes, this process's."""
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: requests sharded by lm-eval
+            import accelerate
+
+            on_cpu = not torch.cuda.is_available() or str(device or "").startswith("cpu")
+            accelerator = accelerate.Accelerator(cpu=on_cpu)  # cpu=True: gloo across CPU processes
+            if accelerator.num_processes > 1:
+                self.accelerator = accelerator
+                self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+                return str(accelerator.device)
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("klass: device %s asked for but CUDA is not available; using cpu", device)
+            return "cpu"
+        return device
 
     # -- lm-eval's distributed primitives (HFLM's, with the global process index) --------------------------
     @property
@@ -318,19 +353,43 @@ class KlassLM(LM):
 
     @torch.no_grad()
     def _greedy(self, prefix: torch.Tensor, target: torch.Tensor) -> bool:
-        """Whether unmasking the most confident position one at a time writes exactly ``target``."""
-        if not self.check_greedy:
-            return False
+        """Whether greedy decoding of the masked continuation writes exactly ``target``: unmask the most confident
+        masked position one at a time (LLaDA's ``suffix_greedy_prediction``), stopping at the first token that
+        differs (a written token is never changed)."""
         mask_id = self.mask_token
         x = torch.cat([prefix, torch.full_like(target, mask_id)]).to(self.device).unsqueeze(0)
+        want = torch.cat([prefix, target]).to(self.device)
         for _ in range(len(target)):
             masked = x[0] == mask_id
-            probs = self._logits(x)[0].softmax(-1)
-            conf, token = probs.max(-1)
-            conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
-            pos = int(conf.argmax())
+            conf, token = self._logits(x)[0].softmax(-1).max(-1)
+            pos = int(torch.where(masked, conf, torch.full_like(conf, -1.0)).argmax())
+            if int(token[pos]) != int(want[pos]):
+                return False
             x[0, pos] = token[pos]
-        return bool((x[0, len(prefix):].cpu() == target).all())
+        return True
+
+    def _fit(self, prefix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The context cut from the left so that context + continuation fit ``max_length`` (as lm-eval's HFLM
+        does), with a warning; a continuation that leaves no room for one context token is an error."""
+        room = self.max_length - len(target)
+        if room < 1:
+            raise ValueError(f"klass: the continuation alone is {len(target)} tokens; max_length "
+                             f"{self.max_length} leaves no room for the context (model_args max_length=...)")
+        if len(prefix) > room:
+            log.warning("klass: context (%d tokens) + continuation (%d) exceed max_length %d: truncating %d "
+                        "tokens of the context from the left", len(prefix), len(target), self.max_length,
+                        len(prefix) - room)
+            prefix = prefix[-room:]
+        return prefix
+
+    def _is_greedy(self, prefix: torch.Tensor, target: torch.Tensor) -> bool:
+        if self.check_greedy:
+            return self._greedy(prefix, target)
+        if not self._greedy_warned:
+            self._greedy_warned = True
+            log.warning("klass: check_greedy=false: is_greedy is reported False for every request, so the "
+                        "metrics built on it (lambada's acc, multiple-choice exact_match) read 0")
+        return False
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
         from tqdm import tqdm
@@ -338,14 +397,12 @@ class KlassLM(LM):
         out = []
         for instance in tqdm(requests, desc="klass loglikelihood", disable=disable_tqdm or self.rank != 0):
             prefix, target = self._pair(*instance.args[:2])
-            if len(prefix) + len(target) > self.max_length:
-                raise ValueError(f"context + continuation is {len(prefix)} + {len(target)} tokens, over "
-                                 f"max_length {self.max_length} (model_args max_length=...)")
             if len(target) == 0:
                 out.append((0.0, True))
                 continue
+            prefix = self._fit(prefix, target)
             torch.manual_seed(self._seed(instance, 0))
-            out.append((self._mc_loglikelihood(prefix, target), self._greedy(prefix, target)))
+            out.append((self._mc_loglikelihood(prefix, target), self._is_greedy(prefix, target)))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -377,6 +434,27 @@ def add_forwards(results: Optional[dict]) -> Optional[dict]:
     return results
 
 
+def _device_asked(argv: List[str]) -> bool:
+    """Whether lm-eval's arguments name a device: ``--device`` (or an abbreviation, which argparse accepts), or
+    a ``device`` key in the ``--config``/``-C`` file."""
+    for n, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if len(name) > 2 and "--device".startswith(name):
+            return True
+        if name in ("--config", "-C") and _config_has_device(value if eq else "".join(argv[n + 1:n + 2])):
+            return True
+    return False
+
+
+def _config_has_device(path: str) -> bool:
+    try:
+        import yaml
+
+        return "device" in (yaml.safe_load(Path(path).read_text()) or {})
+    except Exception:  # unreadable: lm-eval reports it; leave its device alone
+        return True
+
+
 def main(argv=None) -> int:
     """lm-eval's command line with the ``klass`` model registered (``argv``: lm-eval's arguments)."""
     import lm_eval
@@ -384,12 +462,15 @@ def main(argv=None) -> int:
 
     register()
     evaluate = lm_eval.simple_evaluate
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asked = _device_asked(argv)
 
     def simple_evaluate(*args, **kwargs):
+        if not asked and kwargs.get("device") == LM_EVAL_DEFAULT_DEVICE:
+            kwargs["device"] = None  # lm-eval's default, not the user's: KlassLM picks (CUDA if available)
         return add_forwards(evaluate(*args, **kwargs))
 
     lm_eval.simple_evaluate = simple_evaluate  # lm-eval's CLI imports it from the package when it runs
-    argv = sys.argv[1:] if argv is None else list(argv)
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
