@@ -14,11 +14,12 @@ GSM8K ones): ``pretrained`` (folder or hub id), ``family`` (llada|dream, default
 ``kl_threshold``, ``kl_history_length``, ``unmask_strategy``, ``steps``, ``gen_length``, ``block_length``,
 ``temperature``, ``top_p``, ``dtype`` (auto|bfloat16|float16|float32), ``llada_generate`` (path of LLaDA's
 ``generate.py``; default ./generate.py, else klass-patch's stand-in), ``save_steps`` (a folder: one step
-log per request), ``mask_id``, ``seed``, ``use_cache`` (prefix|dual), ``cache_refresh_every``; for ``loglikelihood``: ``mc_num`` (Monte Carlo samples, default
-128), ``mc_batch_size`` (default 32), ``check_greedy`` (default true: whether greedy decoding of the masked
-continuation writes it, lm-eval's ``is_greedy``, which lambada's ``acc`` and multiple-choice ``exact_match``
-read; false skips it, with a warning, and those metrics read 0), ``max_length`` (default 4096: a longer
-context + continuation loses context tokens from the left, with a warning, as lm-eval's HFLM).
+log per request), ``mask_id``, ``seed``, ``use_cache`` (prefix|dual), ``cache_refresh_every``; for
+``loglikelihood``: ``mc_num`` (Monte Carlo samples, default 128), ``mc_batch_size`` (default 32),
+``check_greedy`` (default true: whether greedy decoding of the masked continuation writes it, lm-eval's
+``is_greedy``, which lambada's ``acc`` and multiple-choice ``exact_match`` read; false skips it, with a
+warning, and those metrics read 0), ``max_length`` (default 4096: a longer context + continuation loses
+context tokens from the left, with a warning, as lm-eval's HFLM).
 ``--batch_size N`` batches ``generate_until`` (left padding with an attention mask) where sampling draws no
 random numbers; ``--device`` as usual (one device per process under ``accelerate launch``; not given: CUDA
 where available, else cpu).
@@ -32,7 +33,6 @@ task's metrics (printed in lm-eval's table), and is logged.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -92,8 +92,8 @@ class KlassLM(LM):
                  batch_size=1, max_batch_size=None, device: Optional[str] = None, mc_num=128, mc_batch_size=32,
                  check_greedy=True, max_length=4096, use_cache=None, cache_refresh_every=None, **unused):
         super().__init__()
+        from .evaluation import Generator
         from .evaluation.loading import load_llada_generate, load_model, resolve_device_dtype
-        from .evaluation.runner import _Generator, rows_per_call
 
         if not pretrained:
             raise ValueError("model_args needs pretrained=<model folder or hub id>")
@@ -116,14 +116,10 @@ class KlassLM(LM):
             generate_fn, self.generate_source = load_llada_generate(_opt(llada_generate, str), log=log.info)
         self.model, self.tokenizer = load_model(pretrained, device, torch_dtype)
         self.pretrained = pretrained
-        s = self.settings
-        if self.family == "llada" and s.mask_id is None:
-            found = getattr(self.model.config, "mask_token_id", None)
-            found = found if found is not None else getattr(self.tokenizer, "mask_token_id", None)
-            s = self.settings = dataclasses.replace(s, mask_id=int(found) if found is not None else 126336)
-        self.generator = _Generator(self.model, s, generate_fn)
+        self.generator = Generator(self.model, self.settings, generate_fn, self.tokenizer)
+        s = self.settings = self.generator.settings  # LLaDA: mask_id from the config, else the tokenizer's
         self.mask_token = s.mask_id if s.mask_id is not None else self._mask_id()
-        self.rows = rows_per_call(s)
+        self.rows = self.generator.rows
         self.forwards = defaultdict(list)  # task -> used steps of each of this process's requests
         self.forwards_total = None  # {task: (sum, count)} over every process, after generate_until
         log.info("klass: %s (%s) on %s, %s", pretrained, self.family, device, s.label())
@@ -222,7 +218,7 @@ class KlassLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         from tqdm import tqdm
 
-        from .evaluation.runner import encode, split_history
+        from .evaluation import encode, split_history
 
         seen = defaultdict(int)  # copies of one Instance: its repeats, then lm-eval's padding of a rank
         work = []
@@ -311,7 +307,8 @@ class KlassLM(LM):
         whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
         head = self.tokenizer(context, add_special_tokens=special)["input_ids"]
         if not head:  # a bidirectional denoiser still wants something to condition on
-            bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            bos = self.tokenizer.bos_token_id
+            bos = bos if bos is not None else self.tokenizer.eos_token_id
             head, whole = [bos], [bos] + list(whole)
         return torch.tensor(head), torch.tensor(whole[len(head):])
 
