@@ -192,3 +192,34 @@ def test_use_cache_reaches_the_sampler_and_names_the_run(family):
     assert run["settings"]["use_cache"] == "dual" and run["method"].endswith("+ dual cache")
     plain = make_run(resolve_settings(family, "gsm8k"), "m", "d")
     assert "use_cache" not in plain["settings"] and "cache_refresh_every" not in plain["settings"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_loading(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("environ,said", [({"ACCELERATE_USE_CPU": "True"}, True),
+                                          ({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "1"}, False),
+                                          ({"ACCELERATE_USE_CPU": "False"}, False), ({}, False)])
+def test_accelerate_cpu_launch_of_one_process_is_explained(tmp_path, monkeypatch, capsys, environ, said):
+    """`accelerate launch --cpu --num_processes N` starts one process (ACCELERATE_USE_CPU, no WORLD_SIZE): eval
+    says so and how to get N CPU processes."""
+    from klass_patch.evaluation import distributed
+
+    for name in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed.Dist, "setup", lambda self, device: None)  # no process group for this check
+    monkeypatch.setattr("klass_patch.evaluation.loading.load_model", _stop_loading)
+    folder = toys.model_folder(tmp_path / "toy_dream", "dream")
+    with pytest.raises(_Stop):
+        main(["eval", "--model", str(folder), "--dataset", "gsm8k", "--data", str(FIXTURES / "gsm8k.jsonl"),
+              "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert ("accelerate launch --multi_gpu --num_processes N" in printed) is said
+    assert ("torchrun --nproc_per_node N" in printed) is said

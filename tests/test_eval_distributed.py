@@ -12,7 +12,8 @@ import pytest
 
 from fixtures.eval import toys
 from klass_patch.evaluation.cli import main
-from klass_patch.evaluation.distributed import Dist, ShardFollower, merge_shards, shard_path
+from klass_patch.evaluation.distributed import Dist
+from klass_patch.evaluation.results import ShardFollower, merge_shards, shard_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 FIELDS = ("generation", "answer", "steps", "correct", "prompt")
@@ -58,11 +59,34 @@ def test_two_processes_generate_what_one_does(tmp_path, dream_folder, capsys):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["n"], summary["total"], summary["complete"], summary["world_size"]) == (3, 3, True, 2)
     assert summary["average_steps"] == json.loads((tmp_path / "one" / "summary.json").read_text())["average_steps"]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["results.jsonl", "summary.json"]  # merged
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".klass-eval.lock", "results.jsonl",
+                                                                     "summary.json"]  # merged
     assert output.count("klass-patch eval:") == 1  # rank 0 speaks
     capsys.readouterr()
     assert main(["eval", "--compare", str(tmp_path / "one"), str(tmp_path / "two")]) == 0  # reads the merged run
     assert "note:" not in capsys.readouterr().out
+
+
+def test_second_launch_fails_on_every_rank_and_leaves_the_first_runs_shards(tmp_path, dream_folder):
+    """While a run holds the folder (here: this process), a 2-process launch into it fails at once on both
+    ranks (rank 0 is refused the lock; rank 1 hears it, instead of waiting at a barrier), naming the folder and
+    the holder's PID; the first run's live shard and results are left as they are (no merge, no unlink)."""
+    from klass_patch.evaluation.results import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out):
+        live = {shard_path(out, 1): '{"id": "1", "generation": "first run, rank 1"}\n',
+                out / "results.jsonl": '{"id": "0", "generation": "first run"}\n'}
+        for path, text in live.items():
+            path.write_text(text)
+        started = time.time()
+        proc = torchrun(eval_argv(dream_folder, FIXTURES / "gsm8k.jsonl", out))
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode != 0, output
+        message = f"{out} is being written by another klass-patch eval run (PID {os.getpid()} "
+        assert output.count(message) == 2, output  # both ranks say it
+        assert {path: path.read_text() for path in live} == live
+        assert not (out / "summary.json").exists() and time.time() - started < 240
 
 
 def _children(pid):

@@ -6,7 +6,8 @@ import pytest
 
 from fixtures.eval import toys
 from klass_patch.evaluation import CodeExecutionRefused, load_examples, resolve_settings, run_eval
-from klass_patch.evaluation.runner import load_results, rows_per_call
+from klass_patch.evaluation.generation import rows_per_call
+from klass_patch.evaluation.results import load_results
 from klass_patch.toy import llada_generate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"

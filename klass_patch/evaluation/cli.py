@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .results import OutputBusy
 from .settings import ALGS, DATASETS, FAMILIES
 
 COMMANDS = ("eval", "plot-steps")
@@ -91,6 +92,9 @@ def dispatch(args) -> "int | None":
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"klass-patch {command}: error: {e}", file=sys.stderr)
         return 2
+    except OutputBusy as e:  # another run writes the output folder
+        print(f"klass-patch {command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nklass-patch {command}: interrupted; the same command resumes where it stopped", file=sys.stderr)
         return 130
@@ -102,9 +106,11 @@ SAMPLING = ("alg", "conf_threshold", "kl_threshold", "kl_history_length", "unmas
 
 def run_from_args(args) -> int:
     """Everything that can be checked is checked before the model is loaded; then load, evaluate, report."""
-    from .data import PUBLIC, load_examples
-    from .runner import check_resumable, make_run, refuse_code_execution, run_eval
-    from .settings import describe, resolve_settings
+    from .distributed import Dist, cpu_launch_note
+    from .loading import detect_family, resolve_device_dtype
+    from .results import output_lock
+    from .runner import refuse_code_execution
+    from .settings import resolve_settings
 
     for flag in ("model", "dataset"):
         if not getattr(args, flag):
@@ -114,41 +120,59 @@ def run_from_args(args) -> int:
     given.update(save_steps=args.save_steps or None, batch_size=args.batch_size if args.batch_size != 1 else None)
     if args.family is not None:  # settings first: a bad value is reported before anything is loaded
         resolve_settings(args.family, args.dataset, **given)
-    examples = load_examples(args.dataset, args.data, args.limit)
-    if not examples:
-        raise ValueError("no examples to evaluate (check --data and --limit)")
-
-    from .distributed import Dist
-    from .loading import detect_family, load_llada_generate, load_model, resolve_device_dtype
-
+    examples = _examples(args)
     dist = Dist.from_env()  # accelerate launch / torchrun: RANK, WORLD_SIZE, LOCAL_RANK
     say = print if dist.is_main else (lambda *_: None)
+    note = cpu_launch_note()
+    if note:
+        say(note)
     family = detect_family(args.model, args.family)
     settings = resolve_settings(family, args.dataset, **given)
     device, dtype = resolve_device_dtype(dist.device(args.device), args.dtype)
-    source = str(Path(args.data).resolve()) if args.data else PUBLIC[args.dataset][0]
     out = Path(args.out) if args.out else default_out(args.model, settings)
-    say(f"klass-patch eval: {args.model} ({family}) on {args.dataset}, {len(examples)} examples from {source}")
-    say(f"settings (the authors' defaults for {family}/{args.dataset} unless marked 'set'):")
-    say(describe(settings, given))
-    say(f"output: {out}" + (f" ({dist.world_size} processes)" if dist.world_size > 1 else ""))
-
-    generate_fn, generate_source = None, None
-    if family == "llada":
-        generate_fn, generate_source = load_llada_generate(args.llada_generate, log=say)
-        source += f" (llada generate: {generate_source})"
-    check_resumable(out, make_run(settings, args.model, source), ignore=("mask_id",))  # before the loading
-    model, tokenizer = load_model(args.model, device, dtype)
     try:
-        summary = run_eval(model, tokenizer, examples, settings, out, generate_fn=generate_fn,
-                           allow_code_execution=args.allow_code_execution, model_name=args.model,
-                           data_source=source, progress=not args.no_progress, dist=dist)
+        dist.setup(device)
+        with output_lock(out, dist):  # a second run into `out` fails here, before anything is loaded
+            summary = _evaluate(args, dist, say, examples, settings, given, out, device, dtype)
     finally:
         dist.close()
     say(f"accuracy {summary['accuracy']}% ({summary['correct']}/{summary['n']}), average steps "
         f"{summary['average_steps']}, {summary['tokens_per_second']} tokens/s, generation time "
         f"{summary['wall_time_s']} s -> {out / 'summary.json'}")
     return 0
+
+
+def _examples(args):
+    from .data import load_examples
+
+    examples = load_examples(args.dataset, args.data, args.limit)
+    if not examples:
+        raise ValueError("no examples to evaluate (check --data and --limit)")
+    return examples
+
+
+def _evaluate(args, dist, say, examples, settings, given, out, device, dtype) -> dict:
+    """Report what will run, check the folder, load (tokenizer first), run."""
+    from .data import PUBLIC
+    from .loading import load_llada_generate, load_model
+    from .runner import check_resumable, make_run, run_eval
+    from .settings import describe
+
+    source = str(Path(args.data).resolve()) if args.data else PUBLIC[args.dataset][0]
+    say(f"klass-patch eval: {args.model} ({settings.family}) on {args.dataset}, {len(examples)} examples from "
+        f"{source}")
+    say(f"settings (the authors' defaults for {settings.family}/{args.dataset} unless marked 'set'):")
+    say(describe(settings, given))
+    say(f"output: {out}" + (f" ({dist.world_size} processes)" if dist.world_size > 1 else ""))
+    generate_fn = None
+    if settings.family == "llada":
+        generate_fn, generate_source = load_llada_generate(args.llada_generate, log=say)
+        source += f" (llada generate: {generate_source})"
+    check_resumable(out, make_run(settings, args.model, source), ignore=("mask_id",))  # before the loading
+    model, tokenizer = load_model(args.model, device, dtype)
+    return run_eval(model, tokenizer, examples, settings, out, generate_fn=generate_fn,
+                    allow_code_execution=args.allow_code_execution, model_name=args.model, data_source=source,
+                    progress=not args.no_progress, dist=dist)
 
 
 def default_out(model: str, settings) -> Path:

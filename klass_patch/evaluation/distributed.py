@@ -1,28 +1,17 @@
-"""Data-parallel ``klass-patch eval``: the process's place in a launch, a barrier, and the results shards.
+"""Data-parallel ``klass-patch eval``: the process's place in a launch, barriers, rank 0's word to every rank.
 
 Under ``accelerate launch`` or ``torchrun`` each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
 from the environment. With ``WORLD_SIZE`` > 1, ``torch.distributed`` is initialised (gloo on CPU, nccl on
-CUDA) for barriers only: no tensors are exchanged, the processes share their work through files.
-
-Output folder of a run on N processes: every process appends the examples it finishes to its own shard,
-``results.rank<R>.jsonl`` (no two processes append to one file); after a barrier, rank 0 merges the shards
-into ``results.jsonl`` (one line per example, in the examples' order) and removes them. A run started again,
-on any number of processes, first merges whatever shards an interrupted run left (lines cut short are
-dropped), so resuming works per example whatever the number of processes before and after.
+CUDA) for barriers and one broadcast (whether rank 0 got the output folder's lock) only: no tensors are
+exchanged, the processes share their work through files (``results``: per-rank shards, merged by rank 0).
 """
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Optional
 
-RESULTS = "results.jsonl"
-SHARD = "results.rank{rank}.jsonl"
-SHARD_RE = re.compile(r"^results\.rank\d+\.jsonl$")
 # A barrier waits for the slowest process; generous, since a rank's share of a run can take hours.
 BARRIER_TIMEOUT = datetime.timedelta(hours=72)
 
@@ -35,6 +24,18 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def cpu_launch_note(environ=None) -> Optional[str]:
+    """What to say when ``accelerate launch --cpu`` started this process alone: accelerate's simple launcher
+    sets ``ACCELERATE_USE_CPU`` and starts ONE process, whatever ``--num_processes`` says (no ``WORLD_SIZE``)."""
+    environ = os.environ if environ is None else environ
+    cpu = environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+    if not cpu or environ.get("WORLD_SIZE"):
+        return None
+    return ("note: ACCELERATE_USE_CPU is set but WORLD_SIZE is not: this is one process (accelerate launch --cpu "
+            "starts one, whatever --num_processes says). For N CPU processes: accelerate launch --multi_gpu "
+            "--num_processes N -m klass_patch eval ..., or torchrun --nproc_per_node N -m klass_patch eval ...")
 
 
 @dataclass
@@ -98,69 +99,19 @@ class Dist:
         else:
             dist.barrier()
 
+    def share(self, obj):
+        """Rank 0's ``obj`` (a picklable value), returned on every rank (every rank calls this)."""
+        if self.world_size <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self._owned:
             import torch.distributed as dist
 
             dist.destroy_process_group()
             self._owned = False
-
-
-def shard_path(out, rank: int) -> Path:
-    return Path(out) / SHARD.format(rank=rank)
-
-
-def shards(out) -> List[Path]:
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    return sorted((p for p in out.iterdir() if SHARD_RE.match(p.name)), key=lambda p: p.name)
-
-
-def merge_shards(out, order: Iterable[str], log=print) -> bool:
-    """Fold every shard in ``out`` into ``results.jsonl`` (atomically; lines cut short are dropped) and
-    remove the shards. Records are written in ``order`` (example ids), then any others. Returns whether
-    there was anything to merge. Safe to repeat: a merge interrupted before the shards went is merged again,
-    and an id is written once."""
-    from ..files import atomic_write
-    from .runner import load_results
-
-    found = shards(out)
-    if not found:
-        return False
-    records: Dict[str, dict] = dict(load_results(Path(out) / RESULTS, log))
-    for path in found:
-        for key, record in load_results(path, log).items():
-            records.setdefault(key, record)
-    rank = {key: i for i, key in enumerate(order)}
-    ordered = sorted(records.values(), key=lambda r: (rank.get(str(r["id"]), len(rank)),))
-    atomic_write(Path(out) / RESULTS, "".join(json.dumps(r) + "\n" for r in ordered).encode("utf-8"))
-    for path in found:
-        path.unlink()
-    return True
-
-
-class ShardFollower:
-    """Rank 0's view of the other ranks' progress: new complete lines of their shards, read incrementally."""
-
-    def __init__(self, out, ranks: Iterable[int]):
-        self.paths = [shard_path(out, r) for r in ranks]
-        self.offsets = {p: 0 for p in self.paths}
-
-    def poll(self) -> List[dict]:
-        new = []
-        for path in self.paths:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self.offsets[path])
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1  # complete lines only; the rest is still being written
-            for line in data[:end].splitlines():
-                try:
-                    new.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-            self.offsets[path] += end
-        return new

@@ -14,6 +14,8 @@ Output folder:
 - On N processes (``accelerate launch`` / ``torchrun``, see ``distributed``): ``results.rank<R>.jsonl`` per
   process while it runs, merged by rank 0 into ``results.jsonl`` at the end (and at the start of a resumed
   run); the summary then covers every example once and records ``world_size``.
+- ``.klass-eval.lock``: held by the run writing the folder (its PID inside); a second run into the folder
+  fails at once, naming that PID (see ``results``).
 
 Reproducibility: example ``i`` (its index in ``examples``) is generated after ``torch.manual_seed(seed + i)``,
 whatever the batch size and whether the run was resumed. The samplers draw one random stream for all the
@@ -33,16 +35,17 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..files import atomic_write
 from .data import Example, messages
-from .distributed import RESULTS, SHARD, Dist, ShardFollower, merge_shards
+from .distributed import Dist
 from .execution import humaneval_program, mbpp_program, run_program
-from .generation import Generator, decode, encode, final_kl, rows_per_call, split_history
+from .generation import Generator, decode, encode, final_kl, rows_per_call, split_history  # noqa: F401 (lm_eval.py)
+from .results import RESULTS, SHARD, ShardFollower, load_results, merge_shards, output_lock, write_json_atomic
 from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
 from .settings import CODE_DATASETS, Settings
 
 SUMMARY, STEPS = "summary.json", "steps"
-_Generator = Generator  # the old private name, until klass_patch.lm_eval imports Generator from the package
+# The old private name, and rows_per_call imported above: until klass_patch.lm_eval imports them from the package.
+_Generator = Generator
 # Settings that do not change what a run generates: a run may be resumed with other values of these.
 # (batch_size: see rows_per_call.)
 NOT_IN_RUN_KEY = ("batch_size", "save_steps")
@@ -63,30 +66,6 @@ def refuse_code_execution(dataset: str, allow: bool) -> None:
             f"{dataset} is scored by running the model's code against the tests; pass --allow-code-execution "
             "(allow_code_execution=True) to accept that. The code runs in a separate process with a timeout "
             "and memory/CPU limits, not in a sandbox: use a container or VM for untrusted models.")
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON atomically (temporary file in the same folder, then a rename)."""
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
-def load_results(path, log=print) -> dict:
-    """Finished examples by id. Lines cut short by an interruption are dropped (and the file repaired)."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    text = path.read_text(encoding="utf-8")
-    done, dropped = {}, 0
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-            done[str(record["id"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError):
-            dropped += line.strip() != ""
-    if dropped or (text and not text.endswith("\n")):
-        log(f"{path}: dropped {dropped} incomplete line(s) left by an interrupted run")
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in done.values()).encode("utf-8"))
-    return done
 
 
 def versions() -> dict:
@@ -162,7 +141,9 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
 
     ``generate_fn``: for LLaDA, the upstream ``generate`` function or its module (patched here). Examples
     already in ``out_dir/results.jsonl`` from a run with the same settings are skipped; a folder holding a
-    run with other settings is refused. Raises ``ValueError`` on bad input before any model forward.
+    run with other settings is refused, and so is a folder another run is writing (``OutputBusy``, naming
+    its PID: the run holds ``out_dir``'s lock from start to end, see ``results``). Raises ``ValueError`` on
+    bad input before any model forward.
 
     ``dist``: this process's place in a data-parallel run (``Dist.from_env()`` under ``accelerate launch`` /
     ``torchrun``; default one process). Every process calls ``run_eval`` with the same arguments; the examples
@@ -175,11 +156,9 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
     s = generator.settings  # LLaDA's mask_id resolved
     if not examples:
         raise ValueError("no examples to evaluate (check --data and --limit)")
-    rows = rows_per_call(s)
-    if rows < s.batch_size:
+    if generator.rows < s.batch_size:
         log(f"batch_size {s.batch_size}: sampling is random here (temperature {s.temperature}, alg {s.alg}), so "
             "each example is generated alone, with its own seed, to give the same text at any batch size")
-
     dist = dist or Dist()
     if not dist.is_main:
         progress, log = False, (lambda *_: None)
@@ -188,95 +167,137 @@ def run_eval(model, tokenizer, examples: List[Example], settings: Settings, out_
     check_resumable(out, run)
     device = getattr(model, "device", "cpu")
     dist.setup(device)
-    order = [ex.id for ex in examples]
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        merge_shards(out, order, log)  # shards an interrupted run left, on any number of processes
-        done = load_results(out / RESULTS, log)
-    dist.barrier()  # rank 0 has merged: every rank now reads the same finished examples
-    if not dist.is_main:
-        done = load_results(out / RESULTS, log)
-    ids = set(order)
-    counted = [r for i, r in done.items() if i in ids]
-    pending = [(i, ex) for i, ex in enumerate(examples) if ex.id not in done]
-    if counted:
-        log(f"Resuming {out}: {len(counted)} of {len(examples)} examples already done, {len(pending)} to go.")
-    if dist.world_size > 1:
-        log(f"{dist.world_size} processes share the {len(pending)} examples to do (rank r takes positions r, "
-            f"r + {dist.world_size}, ...); their shards are merged into {out / RESULTS} at the end.")
-    mine = pending[dist.rank::dist.world_size]
-    started = time.time()
-    if dist.is_main:
-        write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s, dist.world_size))
-    if s.save_steps:
-        (out / STEPS).mkdir(exist_ok=True)
+    with output_lock(out, dist):  # rank 0 holds it; a second run into `out` fails here, on every rank
+        check_resumable(out, run)  # again: the folder cannot change under us from now on
+        return _Session(generator, tokenizer, examples, out, run, dist, device, log).run(progress)
 
-    from tqdm import tqdm
 
-    bar = tqdm(total=len(examples), initial=len(counted), desc=f"{s.dataset} {s.alg}", disable=not progress,
-               dynamic_ncols=True)
-    others = ShardFollower(out, range(1, dist.world_size)) if dist.is_main and dist.world_size > 1 else None
-    target = out / (RESULTS if dist.world_size == 1 else SHARD.format(rank=dist.rank))
-    own = []
-    finished = False
-    try:
+class _Session:
+    """One ``run_eval`` call, once the folder is locked: resume, generate this process's share, merge."""
+
+    def __init__(self, generator: Generator, tokenizer, examples, out: Path, run: dict, dist: Dist, device, log):
+        self.generator, self.tokenizer, self.examples, self.out, self.run_key = generator, tokenizer, examples, out, run
+        self.s, self.dist, self.device, self.log = generator.settings, dist, device, log
+        self.order = [ex.id for ex in examples]
+        self.counted: List[dict] = []  # the whole run's finished examples (rank 0: the other ranks' too)
+        self.own: List[dict] = []  # this process's, this session
+        self.started = time.time()
+
+    def summary(self, records=None, total=None) -> dict:
+        records = self.counted if records is None else records
+        total = len(self.examples) if total is None else total
+        return summarize(records, total, self.run_key, self.started, self.s, self.dist.world_size)
+
+    def resume(self) -> list:
+        """Merge what an earlier run left, read what is done, and return this process's share of the rest."""
+        out, dist, log = self.out, self.dist, self.log
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            merge_shards(out, self.order, log)  # shards an interrupted run left, on any number of processes
+            done = load_results(out / RESULTS, log)
+        dist.barrier()  # rank 0 has merged: every rank now reads the same finished examples
+        if not dist.is_main:
+            done = load_results(out / RESULTS, log)
+        ids = set(self.order)
+        self.counted = [r for i, r in done.items() if i in ids]
+        pending = [(i, ex) for i, ex in enumerate(self.examples) if ex.id not in done]
+        if self.counted:
+            log(f"Resuming {out}: {len(self.counted)} of {len(self.examples)} examples already done, "
+                f"{len(pending)} to go.")
+        if dist.world_size > 1:
+            log(f"{dist.world_size} processes share the {len(pending)} examples to do (rank r takes positions r, "
+                f"r + {dist.world_size}, ...); their shards are merged into {out / RESULTS} at the end.")
+        if dist.is_main:
+            write_json_atomic(out / SUMMARY, self.summary())
+        if self.s.save_steps:
+            (out / STEPS).mkdir(exist_ok=True)
+        return pending[dist.rank::dist.world_size]
+
+    def run(self, progress: bool) -> dict:
+        from tqdm import tqdm
+
+        mine = self.resume()
+        bar = tqdm(total=len(self.examples), initial=len(self.counted), desc=f"{self.s.dataset} {self.s.alg}",
+                   disable=not progress, dynamic_ncols=True)
+        finished = False
+        try:
+            self.generate(mine, bar)
+            finished = True
+        finally:
+            summary = self.finish(finished, bar, len(mine))
+        return summary
+
+    def generate(self, mine: list, bar) -> None:
+        """Generate, score and append (flushed) each example of ``mine``; rank 0 follows the others' shards."""
+        dist, out = self.dist, self.out
+        others = ShardFollower(out, range(1, dist.world_size)) if dist.is_main and dist.world_size > 1 else None
+        target = out / (RESULTS if dist.world_size == 1 else SHARD.format(rank=dist.rank))
         with open(target, "a", encoding="utf-8") as f:
-            for start in range(0, len(mine), rows):
-                batch = mine[start:start + rows]
-                prompts = [tokenizer.apply_chat_template(messages(s.dataset, ex), add_generation_prompt=True,
-                                                         tokenize=False) for _, ex in batch]
-                ids, mask = encode(tokenizer, prompts, s.family, device)
-                torch.manual_seed(example_seed(s.seed, batch[0][0]))  # several rows: nothing drawn at random
-                _sync(device)
-                t0 = time.perf_counter()
-                sequences, used, history = generator(ids, mask)
-                _sync(device)
-                seconds = (time.perf_counter() - t0) / len(batch)
-                for row, ((_, ex), prompt) in enumerate(zip(batch, prompts)):
-                    generation = decode(tokenizer, sequences[row, ids.shape[1]:].cpu(), s.family, s.dataset)
-                    record = {"id": ex.id, "prompt": prompt, "generation": generation, "gold": ex.gold,
-                              **grade(s.dataset, ex, generation, s.timeout), "steps": used[row],
-                              "seconds": round(seconds, 4), "tokens": s.gen_length}
-                    if history is not None:
-                        steps = split_history(history, row, len(batch))
-                        record["final_kl"] = final_kl(steps)
-                        record["steps_log"] = f"{STEPS}/{_safe(ex.id)}.jsonl"
-                        from .. import write_steps_jsonl
-
-                        write_steps_jsonl(steps, out / record["steps_log"])
+            for start in range(0, len(mine), self.generator.rows):
+                for record in self.batch(mine[start:start + self.generator.rows]):
                     f.write(json.dumps(record) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-                    counted.append(record)
-                    own.append(record)
+                    self.counted.append(record)
+                    self.own.append(record)
                     bar.update(1)
                 if others is not None:  # the whole run's progress: the other ranks' finished examples too
                     theirs = others.poll()
-                    counted.extend(theirs)
+                    self.counted.extend(theirs)
                     bar.update(len(theirs))
                 if dist.is_main:
-                    acc = sum(bool(r["correct"]) for r in counted) / len(counted)
-                    bar.set_postfix(acc=f"{100 * acc:.1f}%",
-                                    steps=f"{sum(r['steps'] for r in counted) / len(counted):.1f}")
-                    write_json_atomic(out / SUMMARY, summarize(counted, len(examples), run, started, s,
-                                                               dist.world_size))
-        finished = True
-    finally:
+                    n = len(self.counted)
+                    bar.set_postfix(acc=f"{100 * sum(bool(r['correct']) for r in self.counted) / n:.1f}%",
+                                    steps=f"{sum(r['steps'] for r in self.counted) / n:.1f}")
+                    write_json_atomic(out / SUMMARY, self.summary())
+
+    def batch(self, batch: list) -> List[dict]:
+        """The records of one sampler call's examples (``(index, example)`` pairs)."""
+        s, tokenizer = self.s, self.tokenizer
+        prompts = [tokenizer.apply_chat_template(messages(s.dataset, ex), add_generation_prompt=True,
+                                                 tokenize=False) for _, ex in batch]
+        ids, mask = encode(tokenizer, prompts, s.family, self.device)
+        torch.manual_seed(example_seed(s.seed, batch[0][0]))  # several rows: nothing drawn at random
+        _sync(self.device)
+        t0 = time.perf_counter()
+        sequences, used, history = self.generator(ids, mask)
+        _sync(self.device)
+        seconds = (time.perf_counter() - t0) / len(batch)
+        records = []
+        for row, ((_, ex), prompt) in enumerate(zip(batch, prompts)):
+            generation = decode(tokenizer, sequences[row, ids.shape[1]:].cpu(), s.family, s.dataset)
+            record = {"id": ex.id, "prompt": prompt, "generation": generation, "gold": ex.gold,
+                      **grade(s.dataset, ex, generation, s.timeout), "steps": used[row],
+                      "seconds": round(seconds, 4), "tokens": s.gen_length}
+            if history is not None:
+                self.write_steps(record, split_history(history, row, len(batch)))
+            records.append(record)
+        return records
+
+    def write_steps(self, record: dict, steps: list) -> None:
+        from .. import write_steps_jsonl
+
+        record["final_kl"] = final_kl(steps)
+        record["steps_log"] = f"{STEPS}/{_safe(record['id'])}.jsonl"
+        write_steps_jsonl(steps, self.out / record["steps_log"])
+
+    def finish(self, finished: bool, bar, share: int) -> dict:
+        """After the last batch (or an error): merge the shards (rank 0, once every rank is done), the summary."""
+        dist = self.dist
         if dist.world_size > 1 and finished:
             dist.barrier()  # every shard is complete and flushed
-        if dist.is_main:
-            if dist.world_size > 1 and finished:
-                merge_shards(out, order, log)
-                merged = load_results(out / RESULTS, log)
-                counted = [merged[i] for i in order if i in merged]
-                bar.update(len(counted) - bar.n)
+        if not dist.is_main:
             bar.close()
-            summary = summarize(counted, len(examples), run, started, s, dist.world_size)
-            write_json_atomic(out / SUMMARY, summary)
-        else:
-            bar.close()
-            summary = summarize(own, len(mine), run, started, s, dist.world_size)
-    return summary
+            return self.summary(self.own, share)
+        if dist.world_size > 1 and finished:
+            merge_shards(self.out, self.order, self.log)
+            merged = load_results(self.out / RESULTS, self.log)
+            self.counted = [merged[i] for i in self.order if i in merged]
+            bar.update(len(self.counted) - bar.n)
+        bar.close()
+        summary = self.summary()
+        write_json_atomic(self.out / SUMMARY, summary)
+        return summary
 
 
 def make_run(settings: Settings, model_name: str, data_source: str) -> dict:
