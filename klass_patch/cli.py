@@ -1,18 +1,5 @@
-"""Command line (``klass-patch``, also ``python -m klass_patch``).
-
-    klass-patch demo                               KLASS vs upstream's default sampler on a toy model
-    klass-patch install [--dream PATH] [--llada PATH] [--dry-run]
-                                                   rewrite Dream/LLaDA files to accept alg="klass"
-    klass-patch status  [--dream PATH] [--llada PATH]
-    klass-patch revert  [--dream PATH] [--llada PATH]
-    klass-patch eval --model M --dataset gsm8k|math500|humaneval|mbpp [...]   the paper's evaluation
-    klass-patch eval --compare DIR DIR ...         the paper's table from eval folders
-    klass-patch plot-steps LOG|DIR                 which position was decided when (PNG)
-    klass-patch lm-eval --model klass --model_args pretrained=M,... --tasks T [...]
-                                                   lm-evaluation-harness with the `klass` model registered
-Without --dream/--llada, install/status/revert look in the Hugging Face caches and the current folder
-(unknown versions found there are reported and skipped).
-"""
+"""Command line (``klass-patch``, also ``python -m klass_patch``): ``COMMANDS`` lists the commands; eval and
+plot-steps come from ``klass_patch.evaluation.cli``, lm-eval from ``klass_patch.lm_eval``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +10,23 @@ from pathlib import Path
 # install/status/revert need only the standard library: torch, wrapt and the evaluation modules are imported
 # by the commands that use them (a quick `klass-patch status`, and one that works where torch is missing).
 FILE_COMMANDS = ("install", "status", "revert")
+COMMANDS = {  # `klass-patch --help`: one line each
+    "demo": "KLASS vs upstream's default sampler on a toy model",
+    "install": "rewrite Dream/LLaDA files to accept alg=\"klass\"",
+    "status": "say which version each file is, and if it is patched",
+    "revert": "restore the original files byte for byte",
+    "eval": "evaluate on GSM8K, MATH500, HumanEval or MBPP",
+    "plot-steps": "which position was decided when (PNG)",
+    "lm-eval": "lm-evaluation-harness's command line, `klass` model registered",
+}
+DESCRIPTION = ("KLASS (KL-Adaptive Stability Sampling) for LLaDA and Dream: their own code\n"
+               "takes alg=\"klass\", rewritten on disk (install) or patched at run time.")
+EPILOG = ("Without --dream/--llada, install/status/revert look in the Hugging Face caches\n"
+          "and the current folder. `klass-patch COMMAND --help` shows a command's options.")
+
+FILES_EPILOG = ("Without --dream/--llada: Dream's files in the Hugging Face hub cache and modules cache (a "
+                "modules-cache copy of a local folder is listed, never changed: name the folder with --dream), "
+                "and LLaDA's generate.py in the current folder.")
 
 
 def _paper():
@@ -46,6 +50,15 @@ def _row(name, out, expected, seconds):
             f"tokens unmasked per step: {' '.join(map(str, per_step))}")
 
 
+def _timed(call):
+    """``call()``'s result and wall time, after an untimed warm-up call: a first call pays one-off costs (lazy
+    imports, first allocations, kernel selection) that are no part of the sampler's time."""
+    call()
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start
+
+
 def demo(gen_length=32, steps=32, block_length=8) -> int:
     """KLASS against upstream's default sampler on the toy denoiser (stand-ins of both families)."""
     import torch
@@ -62,16 +75,16 @@ def demo(gen_length=32, steps=32, block_length=8) -> int:
     print("klass-patch demo: a toy denoiser that continues a counting sequence "
           f"(prompt 3 4 5 6, {gen_length} tokens to generate, {steps} steps).")
     print("Stand-ins with upstream's interfaces; the same calls work on LLaDA's generate.py and Dream's "
-          "generation_utils.py after klass_patch.apply().\n")
+          "generation_utils.py after klass_patch.apply().")
+    print("ms: the wall time of one call, timed after an untimed warm-up call of the same sampler.\n")
 
     print(f"LLaDA generate(..., block_length={block_length}):")
     model = ToyDenoiser()
     common = dict(steps=steps, gen_length=gen_length, block_length=block_length, mask_id=63,
                   return_dict_in_generate=True, save_steps=True)
     for name, extra in (("upstream low_confidence", {}), ("KLASS " + _fmt(paper["llada"]), dict(alg="klass", **paper["llada"]))):
-        t = time.perf_counter()
-        out = llada_generate.generate(model, prompt, **common, **extra)
-        print(_row(name, out, expected, time.perf_counter() - t))
+        out, seconds = _timed(lambda: llada_generate.generate(model, prompt, **common, **extra))
+        print(_row(name, out, expected, seconds))
 
     print("\nDream diffusion_generate(...):")
     special = dict(mask_token_id=63, pad_token_id=62, eos_token_id=62, bos_token_id=62)
@@ -79,9 +92,8 @@ def demo(gen_length=32, steps=32, block_length=8) -> int:
     common = dict(max_new_tokens=gen_length, steps=steps, return_dict_in_generate=True, save_steps=True)
     for name, extra in (("upstream maskgit_plus", dict(alg="maskgit_plus")),
                         ("KLASS " + _fmt(paper["dream"]), dict(alg="klass", **paper["dream"]))):
-        t = time.perf_counter()
-        out = model.diffusion_generate(prompt, **common, **extra)
-        print(_row(name, out, expected, time.perf_counter() - t))
+        out, seconds = _timed(lambda: model.diffusion_generate(prompt, **common, **extra))
+        print(_row(name, out, expected, seconds))
     print("\nKLASS unmasks every token that is confident and stable, so it needs fewer forwards.")
     return 0
 
@@ -150,34 +162,43 @@ def lm_eval_command(argv) -> int:
     return lm_eval_main(argv)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's
-        return lm_eval_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="klass-patch", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run KLASS against upstream's default sampler on a built-in toy model")
+def _parser(argv) -> argparse.ArgumentParser:
+    from . import __version__
+    listing = "\n".join(f"  {name:<12}{text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(prog="klass-patch", usage="%(prog)s [-h] [--version] COMMAND ...",
+                                     description=f"{DESCRIPTION}\n\ncommands:\n{listing}", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"klass-patch {__version__}")
+    # listed in the description, one line each (argparse's own listing wraps a name as long as plot-steps)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="klass-patch")
+    d = sub.add_parser("demo", description=COMMANDS["demo"])
     d.add_argument("--gen-length", type=int, default=32)
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--block-length", type=int, default=8)
-    sub.add_parser("lm-eval", add_help=False, help="run lm-evaluation-harness with the `klass` model registered "
-                                                   "(arguments: lm-eval's; needs klass-patch[lm-eval])")
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in FILE_COMMANDS:  # their options need the evaluation settings (and so torch)
-        from .evaluation.cli import add_subcommands
-        add_subcommands(sub)
     for name, text in (("install", "rewrite Dream's generation_utils.py / LLaDA's generate.py to accept alg='klass'"),
                        ("status", "say which upstream version each file is and whether it is patched"),
                        ("revert", "restore the original files byte for byte")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, description=text, epilog=FILES_EPILOG)
         p.add_argument("--dream", action="append", default=[], metavar="PATH",
                        help="a Dream model folder or its generation_utils.py (repeatable)")
         p.add_argument("--llada", action="append", default=[], metavar="PATH",
                        help="LLaDA's generate.py or the folder holding it (repeatable)")
         if name == "install":
             p.add_argument("--dry-run", action="store_true", help="show the change (a diff); write nothing")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in FILE_COMMANDS and argv != ["--version"]:  # eval's options need its settings (and torch)
+        from .evaluation.cli import add_subcommands
+        add_subcommands(sub)
+    sub.add_parser("lm-eval", add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's
+        return lm_eval_command(argv[1:])
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.gen_length, args.steps, args.block_length)
