@@ -22,24 +22,31 @@ def family_of_config(config) -> Optional[str]:
     return None
 
 
-def detect_family(model_id: str, family: Optional[str] = None) -> str:
-    """``family`` if given, else read from the model's config (a cheap load: no weights)."""
-    if family is not None:
-        if family not in FAMILIES:
-            raise ValueError(f"family (--family) must be one of {', '.join(FAMILIES)}, got {family!r}")
-        return family
+def _config(model_id: str):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model: cannot load the config of {model_id}: {e}") from None
+
+
+def detect_family(model_id: str, family: Optional[str] = None) -> str:
+    """The model's family, from its config (a cheap load: no weights). ``family`` (``--family``) is for
+    configs that do not say (a derived model); one that contradicts the config is refused."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family (--family) must be one of {', '.join(FAMILIES)}, got {family!r}")
+    config = _config(model_id)
     found = family_of_config(config)
-    if found is None:
-        raise ValueError(f"cannot tell the model family of {model_id} from its config (model_type "
-                         f"{getattr(config, 'model_type', None)!r}, architectures "
-                         f"{getattr(config, 'architectures', None)}); pass --family llada or --family dream")
-    return found
+    said = (f"model_type {getattr(config, 'model_type', None)!r}, architectures "
+            f"{getattr(config, 'architectures', None)}")
+    if found is None and family is None:
+        raise ValueError(f"cannot tell the model family of {model_id} from its config ({said}); pass "
+                         "--family llada or --family dream")
+    if family is not None and found not in (None, family):
+        raise ValueError(f"family (--family) is {family!r}, but {model_id} is a {found} model by its config "
+                         f"({said}); pass --family {found}, or leave --family out")
+    return family or found
 
 
 def resolve_device_dtype(device: Optional[str], dtype: str):
@@ -53,19 +60,34 @@ def resolve_device_dtype(device: Optional[str], dtype: str):
     return device, getattr(torch, dtype)
 
 
+def load_tokenizer(model_id: str):
+    """The model's tokenizer (``AutoTokenizer``, remote code trusted); a ``ValueError`` naming ``--model`` if
+    there is none. Loaded before the weights, so that a folder without one fails in seconds."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model: no tokenizer could be loaded from {model_id} ({reason[:300]}); eval needs "
+                         "the model's tokenizer files (tokenizer.json or tokenizer_config.json and its vocabulary) "
+                         "next to its config") from None
+
+
 def load_model(model_id: str, device: str, dtype):
-    """``klass_patch.apply()`` first (so Dream's remote code is patched as it is imported), then the model
-    (``AutoModel``, remote code trusted, in eval mode on ``device``) and its tokenizer."""
+    """``klass_patch.apply()`` first (so Dream's remote code is patched as it is imported), then the tokenizer
+    (``load_tokenizer``: a folder without one fails before any weight is read), then the model (``AutoModel``,
+    remote code trusted, in eval mode on ``device``)."""
     import klass_patch
     import transformers
     from packaging.version import Version
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     klass_patch.apply()  # on transformers 5.x also klass_patch.compat's shims for Dream's and LLaDA's remote code
+    tokenizer = load_tokenizer(model_id)
     # the dtype argument's name: `dtype` since 4.56 (`torch_dtype` warns there), `torch_dtype` before
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     model = AutoModel.from_pretrained(model_id, trust_remote_code=True, **{key: dtype}).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
     return model, tokenizer
 
 
