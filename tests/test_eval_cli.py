@@ -23,12 +23,12 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def run_small(out, family, alg, save_steps=True):
+def run_small(out, family, alg, save_steps=True, limit=None, **kw):
     tokenizer = toys.tokenizer()
     model = toys.llada_toy() if family == "llada" else toys.dream_toy()
     small = dict(gen_length=16, steps=16, **({"block_length": 8} if family == "llada" else {}))
-    s = resolve_settings(family, "gsm8k", alg=alg, save_steps=save_steps, **small)
-    return run_eval(model, tokenizer, load_examples("gsm8k", FIXTURES / "gsm8k.jsonl"), s, out,
+    s = resolve_settings(family, "gsm8k", alg=alg, save_steps=save_steps, **{**small, **kw})
+    return run_eval(model, tokenizer, load_examples("gsm8k", FIXTURES / "gsm8k.jsonl", limit), s, out,
                     generate_fn=llada_generate, model_name="toy", progress=False)
 
 
@@ -100,32 +100,73 @@ def test_bad_input_reported_before_loading(tmp_path, monkeypatch, capsys, extra,
     assert message in err and "Traceback" not in err
 
 
+def compare_rows(out):
+    """The table's rows, by run number: the cells after the folder and method (split on 2+ spaces)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    rows = {}
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        cells = [c for c in line.split("  ") if c.strip()]
+        rows[cells[0].strip()] = [c.strip() for c in cells[1:]]
+    return lines[rule - 1].split("  "), rows
+
+
 def test_compare_table(tmp_path, capsys):
+    """One row per run with its folder (two runs of one method look alike otherwise); the time speed-up is
+    the ratio of generation seconds per example, whatever the number of examples."""
     base = run_small(tmp_path / "base", "llada", "default", save_steps=False)
-    fast = run_small(tmp_path / "klass", "llada", "klass", save_steps=False)
-    assert main(["eval", "--compare", str(tmp_path / "base"), str(tmp_path / "klass")]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "toy on gsm8k"
-    assert lines[1].split() == ["method", "n", "accuracy", "avg", "steps", "step", "speed-up", "wall", "time", "(s)",
-                                "time", "speed-up"]
-    first, second = lines[3], lines[4]
-    assert first.split()[:5] == ["default", "3", f"{base['accuracy']:.2f}", "16.00", "1.00x"]
-    assert second.startswith("klass (conf 0.6, KL 0.015, n 2)")
-    cells = second.split(")", 1)[1].split()
-    assert cells[:4] == ["3", f"{fast['accuracy']:.2f}", f"{fast['average_steps']:.2f}",
-                         f"{16 / fast['average_steps']:.2f}x"]
-    assert cells[5] == f"{base['wall_time_s'] / fast['wall_time_s']:.2f}x"
+    fast = run_small(tmp_path / "klass", "llada", "klass", save_steps=False, limit=1)
+    again = run_small(tmp_path / "klass_again", "llada", "klass", save_steps=False, limit=1)
+    folders = [str(tmp_path / name) for name in ("base", "klass", "klass_again")]
+    assert main(["eval", "--compare", *folders]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "toy on gsm8k"
+    head, rows = compare_rows(out)
+    assert [c.strip() for c in head if c.strip()] == ["run", "folder", "method", "n", "accuracy", "avg steps",
+                                                      "step speed-up", "s/example", "time speed-up"]
+    assert rows["1"][:6] == [folders[0], "default", "3", f"{base['accuracy']:.2f}", "16.00", "1.00x"]
+    per_base, per_fast = base["wall_time_s"] / 3, fast["wall_time_s"] / 1
+    assert rows["2"] == [folders[1], "klass (conf 0.6, KL 0.015, n 2)", "1", f"{fast['accuracy']:.2f}",
+                         f"{fast['average_steps']:.2f}", f"{16 / fast['average_steps']:.2f}x", f"{per_fast:.3f}",
+                         f"{per_base / per_fast:.2f}x"]
+    assert rows["3"][:2] == [folders[2], rows["2"][1]] and again["n"] == 1
+    assert "run 2 (" + folders[1] + ") counts 1 examples, run 1 3" in out
+    assert "NOT COMPARABLE" not in out and "WARNING" not in out
+    assert "settings that differ:" in out and "conf_threshold" in out.split("settings that differ:")[1]
+
+
+def test_compare_refuses_speed_ups_across_tasks(tmp_path, capsys):
+    """Runs that differ in more than the sampler (here gen_length and steps) get no speed-up, and a warning
+    that names what differs; the batch size voids only the time speed-up."""
+    run_small(tmp_path / "base", "llada", "default", save_steps=False)
+    run_small(tmp_path / "long", "llada", "klass", save_steps=False, gen_length=32, steps=32)
+    run_small(tmp_path / "batched", "llada", "default", save_steps=False, batch_size=3)
+    assert main(["eval", "--compare", *(str(tmp_path / n) for n in ("base", "long", "batched"))]) == 0
+    out = capsys.readouterr().out
+    _, rows = compare_rows(out)
+    assert rows["2"][5] == rows["2"][7] == "NOT COMPARABLE"
+    assert rows["3"][5] == "1.00x" and rows["3"][7] == "NOT COMPARABLE"
+    assert (f"WARNING: run 2 ({tmp_path / 'long'}) differs from run 1 in more than the sampler: gen_length 16 -> 32, "
+            "steps 16 -> 32;") in out
+    assert f"WARNING: run 3 ({tmp_path / 'batched'}) differs from run 1 in batch_size 1 -> 3;" in out
+    differ = out.split("settings that differ:")[1].splitlines()
+    assert differ[1].split() == ["run", "alg", "gen_length", "steps", "conf_threshold", "kl_threshold",
+                                 "kl_history_length", "unmask_strategy", "batch_size"]
+    assert differ[3].split() == ["1", "default", "16", "16", "-", "-", "-", "-", "1"]
 
 
 def test_compare_notes_and_errors(tmp_path, capsys):
     run_small(tmp_path / "a", "llada", "default", save_steps=False)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    summary.update(dataset="math500", complete=False, n=2)
+    summary.update(complete=False, n=2)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "summary.json").write_text(json.dumps(summary))
     assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "has dataset 'math500', the first run 'gsm8k'" in out and "is unfinished (2 of 3 examples)" in out
+    assert f"run 2 ({tmp_path / 'b'}) is unfinished (2 of 3 examples)" in out
+    assert "settings that differ" not in out
     assert main(["eval", "--compare", str(tmp_path / "nothing")]) == 2
     assert "is not an eval output folder" in capsys.readouterr().err
 

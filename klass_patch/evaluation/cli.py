@@ -60,8 +60,10 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--cache-refresh-every", type=int, help="with --use-cache: also a full forward every N forwards")
     s.add_argument("--save-steps", action="store_true", help="write each example's step log (steps/<id>.jsonl)")
     e.add_argument("--compare", nargs="+", metavar="DIR",
-                   help="print the table of finished runs (their summary.json) instead of evaluating; "
-                        "speed-ups are against the first")
+                   help="print the table of finished runs (their summary.json) instead of evaluating: one row per "
+                        "folder, then the settings that differ; speed-ups (steps, and generation seconds per "
+                        "example) are against the first, and shown only for runs that differ from it in the "
+                        "sampler alone (alg, KLASS thresholds, cache)")
 
     p = subparsers.add_parser(
         "plot-steps", help="draw a step log (PNG)",
