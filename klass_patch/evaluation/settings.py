@@ -122,6 +122,21 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
     alg = given.get("alg", "klass")
     if alg not in ALGS[family]:
         raise ValueError(f"{_name('alg')} must be one of {', '.join(ALGS[family])} for {family}, got {alg!r}")
+    _refuse_what_does_not_apply(family, alg, given)
+    values = dict(FAMILY_DEFAULTS[family], alg=alg)
+    if alg == "klass":
+        conf, kl = KLASS_DEFAULTS[(family, dataset)]
+        values.update(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH, unmask_strategy="all")
+    else:
+        values.update({p: None for p in KLASS_PARAMS})
+    values.update(given)
+    s = Settings(family=family, dataset=dataset, **values)
+    _check_values(s)
+    return s
+
+
+def _refuse_what_does_not_apply(family: str, alg: str, given: dict) -> None:
+    """A ``ValueError`` for a cache mode that is not one, or a setting that does not apply to the family/alg."""
     use_cache = given.get("use_cache")
     if use_cache is not None and use_cache not in CACHE_MODES:
         raise ValueError(f"{_name('use_cache')} must be one of {', '.join(CACHE_MODES)}, got {use_cache!r}")
@@ -139,15 +154,9 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
                 "cache_refresh_every": "--use-cache"}[param]
             raise ValueError(f"{_name(param)} applies to {who} only; drop it for {family} with alg={alg!r}")
 
-    values = dict(FAMILY_DEFAULTS[family], alg=alg)
-    if alg == "klass":
-        conf, kl = KLASS_DEFAULTS[(family, dataset)]
-        values.update(conf_threshold=conf, kl_threshold=kl, kl_history_length=HISTORY_LENGTH, unmask_strategy="all")
-    else:
-        values.update({p: None for p in KLASS_PARAMS})
-    values.update(given)
-    s = Settings(family=family, dataset=dataset, **values)
 
+def _check_values(s: Settings) -> None:
+    """A ``ValueError`` naming the first setting of ``s`` out of its range."""
     _check_int("gen_length", s.gen_length)
     _check_int("steps", s.steps)
     _check_int("batch_size", s.batch_size)
@@ -158,7 +167,7 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
         _check_int("mask_id", s.mask_id, minimum=0)
     if s.cache_refresh_every is not None:
         _check_int("cache_refresh_every", s.cache_refresh_every)
-    if family == "llada":
+    if s.family == "llada":
         _check_int("block_length", s.block_length)
         if s.gen_length % s.block_length:
             raise ValueError(f"gen_length ({s.gen_length}, --gen-length) must be a multiple of block_length "
@@ -169,13 +178,12 @@ def resolve_settings(family: str, dataset: str, **given) -> Settings:
                              f"gen_length // block_length = {blocks}")
     else:
         _check_float("top_p", s.top_p, 0.0, 1.0, low_open=True)
-    if alg == "klass":
+    if s.alg == "klass":
         try:
             KlassConfig(s.conf_threshold, s.kl_threshold, s.kl_history_length, s.unmask_strategy)
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
             raise ValueError(str(e).replace(param, _name(param), 1)) from None
-    return s
 
 
 def describe(settings: Settings, given: Optional[dict] = None) -> str:
