@@ -155,8 +155,8 @@ def lm_eval_command(argv) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        print("klass-patch lm-eval: lm-evaluation-harness is not installed: pip install 'klass-patch[lm-eval]'",
-              file=sys.stderr)
+        print("klass-patch lm-eval: lm-evaluation-harness is not installed: pip install -e '.[lm-eval]' in a "
+              "klass-patch checkout (the package is not on PyPI)", file=sys.stderr)
         return 2
     from .lm_eval import main as lm_eval_main
     return lm_eval_main(argv)

@@ -38,12 +38,12 @@ def test_missing_lm_eval_is_reported(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert main(["lm-eval", "--model", "klass"]) == 2
-    assert "pip install 'klass-patch[lm-eval]'" in capsys.readouterr().err
+    assert "pip install -e '.[lm-eval]' in a klass-patch checkout" in capsys.readouterr().err
 
 
 def _need_lm_eval():
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed: pip install 'klass-patch[lm-eval]'")
-    pytest.importorskip("accelerate", reason="accelerate not installed: pip install 'klass-patch[lm-eval]'")
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed: pip install -e '.[lm-eval]'")
+    pytest.importorskip("accelerate", reason="accelerate not installed: pip install -e '.[lm-eval]'")
 
 
 @pytest.mark.parametrize("family", ["llada"])  # Dream: test_dream_generate_until (one subprocess is enough)
