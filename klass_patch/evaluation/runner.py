@@ -38,14 +38,12 @@ import torch
 from .data import Example, messages
 from .distributed import Dist
 from .execution import humaneval_program, mbpp_program, run_program
-from .generation import Generator, decode, encode, final_kl, rows_per_call, split_history  # noqa: F401 (lm_eval.py)
+from .generation import Generator, decode, encode, final_kl, split_history
 from .results import RESULTS, SHARD, ShardFollower, load_results, merge_shards, output_lock, write_json_atomic
 from .scoring import extract_math_answer, humaneval_code, math_equal, mbpp_code, parse_gsm8k_answer
 from .settings import CODE_DATASETS, Settings
 
 SUMMARY, STEPS = "summary.json", "steps"
-# The old private name, and rows_per_call imported above: until klass_patch.lm_eval imports them from the package.
-_Generator = Generator
 # Settings that do not change what a run generates: a run may be resumed with other values of these.
 # (batch_size: see rows_per_call.)
 NOT_IN_RUN_KEY = ("batch_size", "save_steps")
