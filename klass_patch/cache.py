@@ -43,6 +43,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .blocks import rows_where
+
 __all__ = ["MODES", "CacheConfig", "KVCache", "BlockForward", "windows", "cache_options", "llada_attached",
            "check_model_code"]
 
@@ -69,6 +71,12 @@ class CacheConfig:
         """Whether the forward number ``step_in_block`` (from 0) of a block is a full forward."""
         return step_in_block == 0 or (self.refresh_every is not None and step_in_block % self.refresh_every == 0)
 
+    def refreshes_t(self, step_in_block: torch.Tensor) -> torch.Tensor:
+        """:meth:`refreshes` of each entry of a tensor of step indices."""
+        if self.refresh_every is None:
+            return step_in_block == 0
+        return (step_in_block == 0) | (step_in_block % self.refresh_every == 0)
+
 
 def cache_options(kwargs: dict) -> Optional[CacheConfig]:
     """Take ``use_cache`` and ``cache_refresh_every`` out of ``kwargs`` and check them (before any forward).
@@ -87,18 +95,20 @@ def cache_options(kwargs: dict) -> Optional[CacheConfig]:
     return CacheConfig(mode, every)
 
 
-def windows(mode: str, starts: torch.Tensor, length: int, block_length: int, shift: int = 0):
+def windows(mode: str, starts: torch.Tensor, length: int, block_length: int, shift: int = 0,
+            width: Optional[int] = None):
     """The positions each row queries at a cached step: ``(pos, valid)``, both ``[rows, width]``.
 
     ``starts``: the first position of each row's current block. The window starts ``shift`` positions earlier
     (Dream: 1, its logits at i - 1 predict i) and covers the block (``"dual"``) or everything to the end
     (``"prefix"``). ``width`` is the widest row's; a narrower row's tail is not valid (its positions are clamped
     to the last one, computed but never written to the cache nor read). Entry ``j`` of row ``r`` is position
-    ``starts[r] - shift + j``: the logits of a candidate ``p`` are read at ``p - starts[r]``."""
+    ``starts[r] - shift + j``: the logits of a candidate ``p`` are read at ``p - starts[r]``. ``width``: the
+    widest row's, when the host knows it (otherwise it is read from ``starts``)."""
     lo = starts - shift
     if mode == "dual":
         width = block_length + shift
-    else:
+    elif width is None:
         width = int((length - lo).max())
     pos = lo.unsqueeze(-1) + torch.arange(width, device=starts.device)
     valid = pos < length
@@ -119,30 +129,35 @@ class KVCache:
         self.k, self.v = {}, {}
         self.phase = None
         self.sel = None  # model rows of the current forward (LongTensor), None: all rows in order
-        self.pos = self.entries = None  # window forward: queried positions; (row, entry, position) of valid ones
+        self.pos = self.source = None  # window forward: queried positions; per entry, the entry whose K/V it writes
         self.key_mask = None  # [rows, length] bool, False at padding (only when the batch has padding)
 
     @contextlib.contextmanager
-    def _phase(self, phase, sel, pos=None, entries=None):
+    def _phase(self, phase, sel, pos=None, source=None):
         if sel is not None and len(sel) == self.rows:
             sel = None
-        self.phase, self.sel, self.pos, self.entries = phase, sel, pos, entries
+        self.phase, self.sel, self.pos, self.source = phase, sel, pos, source
         try:
             yield self
         finally:
-            self.phase = self.sel = self.pos = self.entries = None
+            self.phase = self.sel = self.pos = self.source = None
 
     def full(self, sel=None):
         """Context of a full forward of model rows ``sel`` (None: all)."""
         return self._phase("full", sel)
 
-    def window(self, sel, pos, valid):
-        """Context of a window forward of model rows ``sel`` querying ``pos`` (``[n, width]``, ``valid`` likewise)."""
-        entries = None
-        if not bool(valid.all()):  # found once per forward, not in every layer's update
-            r, j = valid.nonzero(as_tuple=True)
-            entries = (r, j, pos[r, j])
-        return self._phase("window", sel, pos, entries)
+    def window(self, sel, pos, valid, full_width: Optional[bool] = None):
+        """Context of a window forward of model rows ``sel`` querying ``pos`` (``[n, width]``, ``valid`` likewise: a
+        row's valid entries come first). ``full_width``: every entry is valid, when the caller knows it (else read).
+        An invalid entry repeats its row's last position (``windows``); it writes the K/V of that position's valid
+        entry, so that every write to a position carries the same values (a scatter's order cannot matter)."""
+        if full_width is None:
+            full_width = bool(valid.all())
+        source = None
+        if not full_width:  # found once per forward, not in every layer's update
+            last = valid.sum(-1, keepdim=True) - 1
+            source = torch.where(valid, torch.arange(valid.shape[-1], device=valid.device), last)
+        return self._phase("window", sel, pos, source)
 
     def window_key_mask(self):
         """``[n, length]`` bool key mask of the rows of the current window forward, or None without padding."""
@@ -167,14 +182,12 @@ class KVCache:
         keys, values = self.k[layer_idx], self.v[layer_idx]
         if self.sel is not None:  # a copy: rows of a window forward are a subset (kept values are not needed back)
             keys, values = keys[self.sel], values[self.sel]
-        if self.entries is None:
-            idx = self.pos[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-            keys.scatter_(2, idx, key_states.to(keys.dtype))
-            values.scatter_(2, idx, value_states.to(values.dtype))
-        else:  # only the valid entries (an invalid one repeats a valid position: a scatter could let it win)
-            r, j, p = self.entries
-            keys[r, :, p] = key_states[r, :, j].to(keys.dtype)
-            values[r, :, p] = value_states[r, :, j].to(values.dtype)
+        if self.source is not None:  # an invalid entry carries its position's valid entry's K/V
+            src = self.source[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+            key_states, value_states = key_states.gather(2, src), value_states.gather(2, src)
+        idx = self.pos[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        keys.scatter_(2, idx, key_states.to(keys.dtype))
+        values.scatter_(2, idx, value_states.to(values.dtype))
         return keys, values
 
     def get_seq_length(self, layer_idx=0):  # transformers' Cache interface (not used when cache_position is given)
@@ -185,33 +198,39 @@ class BlockForward:
     """One step's forward for rows that may sit in different blocks and phases.
 
     ``full(sel)``: the family's full forward of data rows ``sel`` (LongTensor), returning ``[n, length, V]``
-    logits; ``window(sel, pos, valid)``: its window forward, returning ``[n, width, V]``. ``__call__`` returns
-    the window logits of every row (``[rows, width, V]``, entry ``j`` of row ``r`` at position
-    ``starts[r] - shift + j``; rows not active are zeros, never read) and counts forwards per row."""
+    logits; ``window(sel, pos, valid, full_width)``: its window forward, returning ``[n, width, V]``
+    (``full_width``: every entry is valid). ``__call__(blocks)`` (a ``klass_patch.blocks.RowBlocks``) returns the
+    window logits of every row (``[rows, width, V]``, entry ``j`` of row ``r`` at position ``start[r] - shift + j``;
+    rows not active are zeros, never read). Which rows refresh is known on the host (the blocks' host copy), so
+    the rows of each forward are selected without a host read."""
 
     def __init__(self, config: CacheConfig, length: int, block_length: int, shift: int,
                  full: Callable, window: Callable):
         self.config, self.length, self.block_length, self.shift = config, length, block_length, shift
         self.full, self.window = full, window
 
-    def __call__(self, starts: torch.Tensor, active: torch.Tensor, refresh: torch.Tensor) -> torch.Tensor:
-        pos, valid = windows(self.config.mode, starts, self.length, self.block_length, self.shift)
-        rows = starts.shape[0]
+    def __call__(self, blocks) -> torch.Tensor:
+        lo = [s - self.shift for s in blocks.starts()]
+        width = self.block_length + self.shift if self.config.mode == "dual" else max(self.length - a for a in lo)
+        pos, valid = windows(self.config.mode, blocks.starts_t(), self.length, self.block_length, self.shift, width)
+        refresh = [a and self.config.refreshes(s) for a, s in zip(blocks.active, blocks.step)]
+        refresh_t = blocks.active_t & self.config.refreshes_t(blocks.step_t)
         parts = []
-        for flag in (True, False):
-            sel = (active & (refresh if flag else ~refresh)).nonzero().squeeze(-1)
-            if not len(sel):
+        for flag, mask_t in ((True, refresh_t), (False, blocks.active_t & ~refresh_t)):
+            chosen = [r for r, a in enumerate(blocks.active) if a and refresh[r] == flag]
+            if not chosen:
                 continue
+            sel = rows_where(mask_t, len(chosen))
             if flag:
                 logits = self.full(sel)
-                logits = logits[torch.arange(len(sel), device=logits.device).unsqueeze(-1), pos[sel]]
+                logits = logits[torch.arange(len(chosen), device=logits.device).unsqueeze(-1), pos[sel]]
             else:
-                logits = self.window(sel, pos[sel], valid[sel])
-            parts.append((sel, logits))
-        if len(parts) == 1 and len(parts[0][0]) == rows:
+                logits = self.window(sel, pos[sel], valid[sel], all(self.length - lo[r] >= width for r in chosen))
+            parts.append((sel, logits, len(chosen)))
+        if len(parts) == 1 and parts[0][2] == blocks.rows:
             return parts[0][1]
-        out = parts[0][1].new_zeros((rows, pos.shape[1], parts[0][1].shape[-1]))
-        for sel, logits in parts:
+        out = parts[0][1].new_zeros((blocks.rows, pos.shape[1], parts[0][1].shape[-1]))
+        for sel, logits, _ in parts:
             out[sel] = logits
         return out
 
@@ -342,10 +361,10 @@ def llada_full_forward(model, cache: KVCache, ids, attention_mask, sel):
         return (model(ids) if attention_mask is None else model(ids, attention_mask=attention_mask)).logits
 
 
-def llada_window_forward(model, cache: KVCache, ids_window, sel, pos, valid):
+def llada_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, full_width=None):
     """A window forward of model rows ``sel``: ``ids_window`` are the ids at ``pos``; padding comes from
     ``cache.key_mask``."""
-    with cache.window(sel, pos, valid):
+    with cache.window(sel, pos, valid, full_width):
         return model(ids_window).logits
 
 
@@ -376,7 +395,7 @@ def dream_full_forward(model, cache: KVCache, ids, mask4d, tok_idx, sel):
                      cache_position=torch.arange(length, device=ids.device)).logits
 
 
-def dream_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, mask4d, tok_idx):
+def dream_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, mask4d, tok_idx, full_width=None):
     """Window forward of rows ``sel`` querying ``pos``: position ids at the queries' true positions (``tok_idx``
     of the padded rows), mask = the full forward's mask rows for the queries (``mask4d``: those rows', or
     ``"full"``)."""
@@ -386,6 +405,6 @@ def dream_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, mas
     else:
         mask = None
     position_ids = pos if tok_idx is None else tok_idx.gather(1, pos)
-    with cache.window(sel, pos, valid):
+    with cache.window(sel, pos, valid, full_width):
         return model(ids_window, mask, position_ids, past_key_values=cache, use_cache=False,
                      cache_position=pos[0]).logits

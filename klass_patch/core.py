@@ -24,7 +24,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, NamedTuple, Optional
+from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,7 +33,9 @@ __all__ = [
     "GenerateOutput",
     "STRATEGIES",
     "KlassConfig",
+    "KlassStep",
     "StabilityTracker",
+    "StepRules",
     "StepRecorder",
     "ready_mask",
     "select_ready",
@@ -110,13 +112,15 @@ class GenerateOutput(_OutputBase):
     used_steps: torch.LongTensor = None
 
 
-def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0) -> None:
-    """Warn once when a run ends with masked positions left (the reference keeps them; so do we)."""
-    left = (x[:, start:] == mask_id).sum(-1)
-    total = int(left.sum())
+def masks_left_warning(x: torch.Tensor, mask_id: int, start: int = 0, counts: Optional[List[int]] = None) -> None:
+    """Warn once when a run ends with masked positions left (the reference keeps them; so do we). ``counts``: the
+    masks left per row, when the caller already has them on the host."""
+    if counts is None:
+        counts = (x[:, start:] == mask_id).sum(-1).tolist()
+    total = sum(counts)
     if total:
         warnings.warn(
-            f"KLASS used its steps with {total} masked position(s) left (per row: {left.tolist()}); the result "
+            f"KLASS used its steps with {total} masked position(s) left (per row: {counts}); the result "
             "keeps them, as the authors' sampler does. Each step unmasks only its ready tokens (or the fallback's "
             "few when none is ready), with any unmask_strategy; give more steps, or thresholds that let more "
             "tokens qualify (lower conf_threshold, higher kl_threshold, shorter kl_history_length).",
@@ -456,6 +460,207 @@ def select_ready(ready: torch.Tensor, confidence: torch.Tensor, kl: torch.Tensor
     return one & ready.any(-1, keepdim=True)
 
 
+# ---- the batched step ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepRules:
+    """A family's rules for :class:`KlassStep`, known before the first step.
+
+    ``strict``: the confidence test is ``>`` (LLaDA) instead of ``>=`` (Dream). ``guard``: a position is ready only
+    once its row's step index is at least ``kl_history_length - 1`` (LLaDA: the index inside the block).
+    ``schedule``: a row with no ready position unmasks its top ``schedule[step index]`` candidates by confidence
+    (LLaDA: upstream's per-block schedule); ``None``: one position, the best by the fallback score (Dream).
+    ``low_precision_tokens``: the token is the argmax of the softmax in the logits' own dtype, and the fallback
+    score that softmax's maximum (Dream's ``sample_tokens`` at temperature 0). ``ban_after_token``: ids whose
+    logits become ``-inf`` after the token is chosen, so that they get no probability (LLaDA's
+    ``confidence_eos_eot_inf``); without tokens given, the token is then the argmax of the logits before the ban.
+    """
+
+    strict: bool = False
+    guard: bool = False
+    schedule: Optional[Tuple[int, ...]] = None
+    low_precision_tokens: bool = False
+    ban_after_token: Tuple[int, ...] = ()
+
+
+class Observation(NamedTuple):
+    """Per window position (``[rows, width]``): the token, its float64 probability, the KL to the previous step
+    and, with ``low_precision_tokens``, the token's probability in the logits' dtype (else None)."""
+
+    tokens: torch.Tensor
+    confidence: torch.Tensor
+    kl: torch.Tensor
+    low_confidence: Optional[torch.Tensor]
+
+
+class StepOutput(NamedTuple):
+    """``commit``: the positions to unmask, with ``tokens``; ``confidence`` (``-inf``) and ``kl`` (``inf``) off the
+    candidates. All ``[rows, width]``."""
+
+    commit: torch.Tensor
+    tokens: torch.Tensor
+    confidence: torch.Tensor
+    kl: torch.Tensor
+
+
+class KlassStep:
+    """One batched KLASS step over a window of ``width`` positions per row (a block, or everything after the
+    prompt), as a diffusers scheduler's ``step()`` or an engine's decoding algorithm would call it.
+
+    ``step(logits, candidates)`` takes the window's logits (``[rows, width, V]``, any strides along rows and
+    positions: a view of the model's output is read in place) and the candidate mask (``[rows, width]``), and
+    returns the positions to unmask and their tokens (:class:`StepOutput`). The state lives on the logits'
+    device: per window position, ``log(p_prev + 1e-12)`` in float64 (the only vocabulary-sized state) and the KL
+    history. Everything is tensor operations on shapes fixed by ``rows``, ``width`` and the vocabulary: no host
+    read, no shape that depends on the data, so a step can be captured in a CUDA graph. Every window position is
+    computed, candidate or not; the state of a non-candidate is never read (a position that becomes a candidate
+    again is first reset with :meth:`restart`).
+
+    A caller that moves a row's window (the next block) calls :meth:`remember` (the new window's distributions,
+    from logits that computed them) or :meth:`restart` (afresh, as the first window starts).
+    """
+
+    def __init__(self, config: KlassConfig, rules: StepRules, rows: int, width: int, device):
+        self.config, self.rules = config, rules
+        self.rows, self.width, self.device = rows, width, torch.device(device)
+        self.history = torch.zeros((rows, width, config.kl_history_length), dtype=torch.float64, device=self.device)
+        self.log_prev: Optional[torch.Tensor] = None  # [rows, width, V], at the first step
+        self._plan = None  # the chunks of the window (``_window_chunks``), made with the store
+        self._schedule = None if rules.schedule is None else torch.tensor(rules.schedule)  # a host copy's
+        if self._schedule is not None and self.device.type != "cpu":  # ... transfer to the device (not a read)
+            self._schedule = self._schedule.to(self.device)
+
+    def _store(self, vocab: int) -> torch.Tensor:
+        if self.log_prev is None or self.log_prev.shape[-1] != vocab:
+            self.log_prev = _log_eps(self.device).expand(self.rows, self.width, vocab).clone()
+            self._plan = None
+        if self._plan is None:
+            size = chunk_policy(self.device, vocab)[0]
+            self._plan = _window_chunks(self.rows, self.width, size)
+            most = max((r1 - r0) * (j1 - j0) for r0, r1, j0, j1 in self._plan)
+            self._scratch = torch.empty((2, most, vocab), dtype=torch.float64, device=self.device)
+        return self.log_prev
+
+    def extend_left(self, extra: int) -> None:
+        """Widen the window by ``extra`` fresh positions before it (a position there became a candidate)."""
+        fresh = self.history.new_zeros((self.rows, extra, self.history.shape[-1]))
+        self.history = torch.cat([fresh, self.history], dim=1)
+        if self.log_prev is not None:
+            eps = _log_eps(self.device).expand(self.rows, extra, self.log_prev.shape[-1])
+            self.log_prev = torch.cat([eps, self.log_prev], dim=1)
+        self.width += extra
+        self._plan = None
+
+    def _probs(self, chunk):
+        """``softmax`` of a chunk (``[a, b, V]``) in float64 in the scratch buffer (``[a * b, V]``), after the
+        banned ids lose their logits; also the argmax of the logits before the ban when there is one."""
+        a, b, vocab = chunk.shape
+        p = self._scratch[0, :a * b]
+        p.view(a, b, vocab).copy_(chunk)
+        before = None
+        if self.rules.ban_after_token:
+            before = p.argmax(-1)
+            for i in self.rules.ban_after_token:
+                p[:, i] = -math.inf
+        torch.softmax(p, dim=-1, out=p)
+        return p, before
+
+    def observe(self, logits: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> Observation:
+        """The vocabulary-sized work of a step (see :class:`Observation`); the state moves on at every position.
+        ``tokens`` (``[rows, width]``): the token of each position when the caller chose it (LLaDA's Gumbel noise);
+        otherwise the rules say (low-precision argmax, argmax before the ban, or the float64 argmax)."""
+        rows, width, vocab = logits.shape
+        store = self._store(vocab)
+        out_tok = torch.empty((rows, width), dtype=torch.long, device=self.device) if tokens is None else tokens
+        conf = torch.empty((rows, width), dtype=torch.float64, device=self.device)
+        kl = torch.empty_like(conf)
+        low = torch.empty((rows, width), dtype=logits.dtype, device=self.device) \
+            if self.rules.low_precision_tokens else None
+        for r0, r1, j0, j1 in self._plan:
+            chunk = logits[r0:r1, j0:j1]
+            n = (r1 - r0) * (j1 - j0)
+            p, before = self._probs(chunk)
+            tok, c, k = out_tok[r0:r1, j0:j1].view(n), conf[r0:r1, j0:j1].view(n), kl[r0:r1, j0:j1].view(n)
+            if tokens is None and low is not None:  # upstream's softmax in the logits' dtype decides the token
+                torch.max(torch.softmax(chunk.reshape(n, vocab), dim=-1), -1, out=(low[r0:r1, j0:j1].view(n), tok))
+            elif tokens is None and before is not None:
+                tok.copy_(before)
+            elif tokens is None:
+                c[:], tok[:] = first_max(p)
+            if tokens is not None or low is not None or before is not None:
+                torch.gather(p, -1, tok.unsqueeze(-1), out=c.unsqueeze(-1))
+            lp, prev = self._scratch[1, :n], store[r0:r1, j0:j1].view(n, vocab)
+            torch.log(torch.add(p, EPS, out=lp), out=lp)
+            # sum(p * (log(p + eps) - log(p_prev + eps))); then this step's distribution becomes p_prev
+            torch.sum(torch.sub(lp, prev, out=prev).mul_(p), -1, out=k)
+            prev.copy_(lp)
+        self.history = torch.cat([self.history[..., 1:], kl.unsqueeze(-1)], dim=-1)
+        return Observation(out_tok, conf, kl, low)
+
+    def decide(self, obs: Observation, candidates: torch.Tensor, step_index: Optional[torch.Tensor] = None,
+               fallback_scores: Optional[Callable] = None) -> StepOutput:
+        """The step's decisions: ready candidates (confident and stable, past the guard) by the unmask strategy;
+        a row with candidates but none ready falls back (top-k on the schedule, or its best position).
+        ``step_index`` (``[rows]``): the guard's and the schedule's index. ``fallback_scores(rows)``: the
+        single-token fallback's scores (``[rows, width]``, ``-inf`` off candidates) for the rows given (a bool
+        mask), e.g. a sampled confidence; by default the token's probability (low-precision when it decides)."""
+        cfg, rules = self.config, self.rules
+        conf = torch.where(candidates, obs.confidence, -math.inf)
+        kl = torch.where(candidates, obs.kl, math.inf)
+        stable = (self.history < cfg.kl_threshold).all(-1)
+        guard = step_index >= cfg.kl_history_length - 1 if rules.guard else None
+        ready = ready_mask(candidates, conf, stable, cfg.conf_threshold, rules.strict, guard)
+        commit = select_ready(ready, conf, kl, cfg.unmask_strategy)
+        fallback = candidates.any(-1) & ~ready.any(-1)
+        if rules.schedule is not None:  # upstream's top-k by confidence, k from its schedule
+            k_row = self._schedule[step_index]
+            for k in sorted(set(rules.schedule) - {0}):  # one top-k per distinct k: torch's own choice on ties
+                top = torch.zeros_like(commit).scatter_(-1, conf.topk(min(k, self.width), -1).indices, True)
+                commit |= top & (fallback & (k_row == k)).unsqueeze(-1)
+            return StepOutput(commit & candidates, obs.tokens, conf, kl)
+        if fallback_scores is not None:
+            scores = fallback_scores(fallback)
+        else:
+            scores = torch.where(candidates, obs.low_confidence if obs.low_confidence is not None else conf, -math.inf)
+        best = scores.argmax(-1, keepdim=True)
+        pick = torch.arange(self.width, device=self.device) == best
+        return StepOutput(torch.where(fallback.unsqueeze(-1), pick, commit), obs.tokens, conf, kl)
+
+    def step(self, logits: torch.Tensor, candidates: torch.Tensor, step_index: Optional[torch.Tensor] = None,
+             tokens: Optional[torch.Tensor] = None, fallback_scores: Optional[Callable] = None) -> StepOutput:
+        """:meth:`observe` then :meth:`decide`."""
+        return self.decide(self.observe(logits, tokens), candidates, step_index, fallback_scores)
+
+    def remember(self, row: int, logits: torch.Tensor) -> None:
+        """Row ``row``'s window moves on: its state becomes the distributions of ``logits`` (``[width, V]``, the
+        new window's, e.g. from the forward that ended the old one), with an empty history."""
+        store = self._store(logits.shape[-1])
+        self.history[row] = 0.0
+        size = chunk_policy(self.device, logits.shape[-1])[0]
+        for j0 in range(0, self.width, size):
+            j1 = min(j0 + size, self.width)
+            p, _ = self._probs(logits[j0:j1].unsqueeze(0))
+            prev = store[row, j0:j1]
+            torch.log(torch.add(p, EPS, out=prev), out=prev)
+
+    def restart(self, rows, positions=None) -> None:
+        """Forget rows (or ``(rows, positions)`` pairs of window indices): they start afresh, as the first window."""
+        index = rows if positions is None else (rows, positions)
+        self.history[index] = 0.0
+        if self.log_prev is not None:
+            self.log_prev[index] = _log_eps(self.device)
+
+
+def _window_chunks(rows: int, width: int, size: int) -> List[tuple]:
+    """``(r0, r1, j0, j1)`` pieces of a ``[rows, width]`` window of at most ``size`` positions each: whole rows
+    together where a row fits, else pieces of one row. Each is contiguous in a contiguous ``[rows, width, ...]``
+    tensor, so state and outputs are written through views."""
+    if size >= width:
+        per = size // width
+        return [(r, min(r + per, rows), 0, width) for r in range(0, rows, per)]
+    return [(r, r + 1, j, min(j + size, width)) for r in range(rows) for j in range(0, width, size)]
+
+
 class StepRecorder:
     """Per-step records: for every forward, the candidate positions and which of them were unmasked.
 
@@ -467,28 +672,33 @@ class StepRecorder:
     def __init__(self):
         self.records: List[dict] = []
 
-    def add(self, step: int, candidates, tokens, confidence, kl, decided, decided_tokens=None):
+    def add(self, step: int, candidates, tokens, confidence, kl, decided, decided_tokens=None, positions=None):
         """All arguments are ``[rows, length]`` tensors; ``decided`` marks the unmasked positions and
-        ``decided_tokens`` (default ``tokens``) the ids written there."""
+        ``decided_tokens`` (default ``tokens``) the ids written there. ``positions``: the sequence position of
+        each entry when the tensors cover a window (``[rows, width]``), else the entry's index."""
+        self.add_packed(step, to_host(self.pack(candidates, tokens, confidence, kl, decided, decided_tokens,
+                                                positions))[0])
+
+    @staticmethod
+    def pack(candidates, tokens, confidence, kl, decided, decided_tokens=None, positions=None) -> torch.Tensor:
+        """The arguments of :meth:`add` as one float64 tensor ``[rows, width, 7]`` on their device (to be
+        transferred with others in one go, then given to :meth:`add_packed`)."""
         if decided_tokens is None:
             decided_tokens = tokens
-        packed = torch.stack(
-            [
-                candidates.to(torch.float64),
-                decided.to(torch.float64),
-                tokens.to(torch.float64),
-                decided_tokens.to(torch.float64),
-                confidence.to(torch.float64),
-                kl.to(torch.float64),
-            ],
-            dim=-1,
-        ).cpu()
+        if positions is None:
+            positions = torch.arange(tokens.shape[-1], device=tokens.device).expand(tokens.shape)
+        columns = (candidates, decided, tokens, decided_tokens, confidence, kl, positions)
+        return torch.stack([c.to(torch.float64) for c in columns], dim=-1)
+
+    def add_packed(self, step: int, packed: list) -> None:
+        """A step's record from :meth:`pack`'s tensor, on the host (``to_host``: nested lists)."""
         every, done = [], []
-        for row, line in enumerate(packed.tolist()):
-            for position, (cand, dec, tok, dtok, c, k) in enumerate(line):
+        for row, line in enumerate(packed):
+            for cand, dec, tok, dtok, c, k, position in line:
                 if not (cand or dec):
                     continue
-                entry = {"row": row, "position": position, "token_id": int(tok), "confidence": c, "kl_divergence": k}
+                entry = {"row": row, "position": int(position), "token_id": int(tok), "confidence": c,
+                         "kl_divergence": k}
                 if cand:
                     every.append(entry)
                 if dec:
@@ -544,6 +754,24 @@ class Observer:
     @property
     def records(self) -> List[dict]:
         return self.recorder.records
+
+
+def to_host(*tensors: torch.Tensor) -> List[list]:
+    """The tensors' values as nested Python lists (their shapes), in one transfer (as float64: integers are exact
+    below 2**53)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu().tolist()
+    out, at = [], 0
+    for t in tensors:
+        out.append(_nest(flat[at:at + t.numel()], list(t.shape)))
+        at += t.numel()
+    return out
+
+
+def _nest(values: list, shape: List[int]) -> list:
+    if len(shape) <= 1:
+        return values
+    step = len(values) // shape[0] if shape[0] else 0
+    return [_nest(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def write_steps_jsonl(records: Iterable[dict], path) -> None:

@@ -21,19 +21,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .blocks import RowBlocks
 from .cache import BlockForward, CacheConfig, KVCache, cache_options, check_dream, dream_full_forward
 from .cache import dream_window_forward
 from .core import (
     GenerateOutput,
     KlassConfig,
+    KlassStep,
     Observer,
-    StabilityTracker,
     StepRecorder,
+    StepRules,
     klass_options,
-    low_precision_max_position,
     masks_left_warning,
-    ready_mask,
-    select_ready,
+    to_host,
 )
 
 # Options of the current diffusion_generate call, read by the patched _sample it calls.
@@ -141,9 +141,12 @@ def make_sample_wrapper(module):
     return wrapper
 
 
-def _prepare_attention(attention_mask, length):
-    """Upstream's handling of a padded batch: boolean [B, 1, N, N] mask and position ids, or "full"."""
-    if attention_mask is not None and torch.any(attention_mask == 0.0):
+def _prepare_attention(attention_mask, length, padded: Optional[bool] = None):
+    """Upstream's handling of a padded batch: boolean [B, 1, N, N] mask and position ids, or "full". ``padded``:
+    whether ``attention_mask`` has a 0, when the caller read it already."""
+    if padded is None:
+        padded = attention_mask is not None and bool(torch.any(attention_mask == 0.0))
+    if attention_mask is not None and padded:
         attention_mask = F.pad(attention_mask, (0, length - attention_mask.shape[1]), value=1.0)
         tok_idx = attention_mask.long().cumsum(-1) - 1
         tok_idx.masked_fill_(attention_mask == 0, 1)
@@ -153,89 +156,113 @@ def _prepare_attention(attention_mask, length):
     return "full", None
 
 
+def _first_facts(x, attention_mask, mask_id):
+    """What the host needs before the first forward, in one read: whether the attention mask pads (upstream's own
+    check), the first column holding a mask (0 if none) and, per row, whether it holds one."""
+    masked = x == mask_id
+    padded = torch.zeros((), dtype=torch.bool, device=x.device) if attention_mask is None else \
+        (attention_mask == 0.0).any()
+    first = masked.any(0).int().argmax()
+    facts = to_host(torch.cat([torch.stack([padded.long(), first.long()]), masked.any(-1).long()]))[0]
+    return bool(facts[0]), int(facts[1]), [bool(v) for v in facts[2:]]
+
+
+def _shifted(logits, start, hooks_given):
+    """The window ``[start, length)`` of Dream's logits: position i is predicted at i - 1 (position 0 by itself);
+    read in place unless user hooks saw (and got) the shifted copy, as upstream makes it."""
+    if hooks_given or start == 0:
+        logits = logits if hooks_given else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits[:, start:]
+    return logits[:, start - 1:logits.shape[1] - 1]
+
+
+def _sampled_fallback(module, gc, window, candidates):
+    """The single-token fallback's scores when upstream's ``sample_tokens`` samples (temperature, top_p, top_k): its
+    confidence over the candidates of the rows that fall back, drawn as before (host reads: the draws' shape
+    depends on the data)."""
+    def scores(fallback):
+        out = torch.full(candidates.shape, -math.inf, dtype=window.dtype, device=window.device)
+        if not bool(fallback.any()):
+            return out
+        r, j = (candidates & fallback.unsqueeze(-1)).nonzero(as_tuple=True)
+        conf, _ = module.sample_tokens(window[r, j], temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k)
+        out = out.to(conf.dtype)
+        out[r, j] = conf
+        return out
+    return scores
+
+
+def _sampling(gc) -> bool:
+    return gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None
+
+
+def _restart_remasked(stepper, remasked, start):
+    """Positions a user's hook masked again start afresh (the window grows to the left to hold an earlier one);
+    returns the window's start. Host reads: hooks only."""
+    if not bool(remasked.any()):
+        return start
+    r, p = remasked.nonzero(as_tuple=True)
+    lowest = int(p.min())
+    if lowest < start:
+        stepper.extend_left(start - lowest)
+        start = lowest
+    stepper.restart(r, p - start)
+    return start
+
+
 @torch.no_grad()
 def klass_sample(model, module, input_ids, attention_mask, gc, tokens_hook, logits_hook,
                  config: KlassConfig, save_steps=False, hooks_given=True):
-    """KLASS in place of upstream's ``_sample`` loop; ``gc`` is the prepared generation config.
-
-    Without user hooks the shifted logits are read in place (position i from the model's i - 1)
-    instead of being copied; the full masked logits are gathered only when the fallback must sample.
-    """
-    mask_id, steps = gc.mask_token_id, gc.steps
+    """KLASS in place of upstream's ``_sample`` loop; ``gc`` is the prepared generation config. The window is every
+    position from the first masked column on; one host read per forward (which rows still hold masks), one before
+    the first (``_first_facts``). Without user hooks the shifted logits are read in place instead of copied."""
+    mask_id = gc.mask_token_id
     x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
-    attention_mask, tok_idx = _prepare_attention(attention_mask, gc.max_length)
     histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
-    recorder = StepRecorder() if save_steps else None
-
     x = tokens_hook(None, x, None)
+    padded, start, live = _first_facts(x, attention_mask, mask_id)
+    attention_mask, tok_idx = _prepare_attention(attention_mask, gc.max_length, padded)
     rows, length = x.shape
-    masked = (x == mask_id).any(0).nonzero()
-    start = int(masked[0]) if len(masked) else 0
-    tracker = StabilityTracker(rows, length, start, length - start, config.kl_history_length, x.device)
-    used = torch.zeros(rows, dtype=torch.long, device=x.device)
-    # where each position's prediction is read: the model's logits at i - 1 predict position i (position 0
-    # reads itself), as upstream's shift; with user hooks the logits are shifted by copy, as upstream does
-    read_at = torch.arange(length, device=x.device)
-    if not hooks_given:
-        read_at = (read_at - 1).clamp_(min=0)
-    for i in range(steps):
-        mask_index = x == mask_id
-        live = mask_index.any(-1)
-        if not bool(live.any()):
+    stepper = KlassStep(config, StepRules(low_precision_tokens=True), rows, length - start, x.device)
+    recorder = StepRecorder() if save_steps else None
+    first, used, left = start, [0] * rows, None
+    for i in range(gc.steps):
+        if not any(live):
             break
-        used += live
+        used = [u + v for u, v in zip(used, live)]
         logits = model(x, attention_mask, tok_idx).logits
-        r_idx, p_idx = mask_index.nonzero(as_tuple=True)
         if hooks_given:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-            logits = logits_hook(i, x, logits)
-        read = read_at[p_idx]
-        tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
-        x0 = x.clone()
-        x0[r_idx, p_idx] = tok
-        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
-        full_conf[r_idx, p_idx] = conf
-        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=x.device)
-        full_kl[r_idx, p_idx] = kl
-
-        ready = ready_mask(mask_index, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
-                           strict=False)
-        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
-        fallback = live & ~ready.any(-1)
-        if bool(fallback.any()):  # one position per such row: the argmax of upstream's sampled confidence
-            if gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None:
-                mine = fallback[r_idx]
-                conf_fb, _ = module.sample_tokens(logits[r_idx[mine], read[mine]], temperature=gc.temperature,
-                                                  top_p=gc.top_p, top_k=gc.top_k)
-                scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
-                scores[r_idx[mine], p_idx[mine]] = conf_fb
-                best = scores.argmax(-1)
-            else:  # sample_tokens would return the top probability of the plain softmax: known up to rounding
-                best = low_precision_max_position(logits, read_at, full_conf, mask_index & fallback.unsqueeze(-1))
-            pick = F.one_hot(best, length).bool()
-            transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
-        if recorder is not None:
-            recorder.add(i, mask_index, x0, full_conf, full_kl, transfer)
-        x = torch.where(transfer, x0, x)
+            logits = logits_hook(i, x, torch.cat([logits[:, :1], logits[:, :-1]], dim=1))
+        window, xw = _shifted(logits, start, hooks_given), x[:, start:]
+        cand = xw == mask_id
+        out = stepper.step(window, cand,
+                           fallback_scores=_sampled_fallback(module, gc, window, cand) if _sampling(gc) else None)
+        record = () if recorder is None else (recorder.pack(cand, out.tokens, out.confidence, out.kl, out.commit,
+                                                            positions=torch.arange(start, length, device=x.device)
+                                                            .expand(cand.shape)),)
+        x = torch.cat([x[:, :start], torch.where(out.commit, out.tokens, xw)], dim=1)
         decided = x != mask_id if hooks_given else None
         x = tokens_hook(i, x, logits)
-        if decided is not None:  # positions a user's hook masked again start afresh
-            remasked = decided & (x == mask_id)
-            if bool(remasked.any()):
-                tracker.reset(*remasked.nonzero(as_tuple=True))
+        if decided is not None:
+            start = _restart_remasked(stepper, decided & (x == mask_id), start)
         if histories is not None:
             histories.append(x.clone())
+        flags, *record = to_host(torch.stack([(x == mask_id).any(-1).long(), (x[:, first:] == mask_id).sum(-1)]),
+                                 *record)  # the one host read of the forward
+        live, left = [bool(v) for v in flags[0]], [int(v) for v in flags[1]]
+        if recorder is not None:
+            recorder.add_packed(i, record[0])
+    return _result(x, mask_id, first, gc, used, left, recorder, histories)
 
-    return _result(x, mask_id, start, gc, used, recorder, histories)
 
-
-def _result(x, mask_id, start, gc, used, recorder, histories):
+def _result(x, mask_id, start, gc, used, left, recorder, histories):
     """What a KLASS ``_sample`` returns (cached or not): the tensor, or, with ``return_dict_in_generate``, a
-    ``GenerateOutput`` with the forwards per row and the step records (or upstream's history)."""
-    masks_left_warning(x, mask_id, start)
+    ``GenerateOutput`` with the forwards per row and the step records (or upstream's history). ``left``: the masks
+    left per row when the host has them (else counted here)."""
+    masks_left_warning(x, mask_id, start, counts=left)
     if not gc.return_dict_in_generate:
         return x
-    return GenerateOutput(sequences=x, used_steps=used.cpu(),
+    return GenerateOutput(sequences=x, used_steps=torch.tensor(used, dtype=torch.long),
                           history=recorder.records if recorder is not None else histories)
 
 
@@ -298,13 +325,33 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
     Fast-dLLM's Dream does, so that cached comparisons are like for like: ``steps // num_blocks`` forwards per block
     (``steps`` must be a multiple of the number of blocks), and at a block's step ``i`` upstream's own rule over the
     block's masks: its confidence from ``sample_tokens``, the top ``int(masks * (1 - s / t))`` (all of them at the
-    block's last step) with ``t, s`` consecutive values of ``linspace(1, eps, steps_per_block + 1)``."""
+    block's last step) with ``t, s`` consecutive values of ``linspace(1, eps, steps_per_block + 1)``. With
+    ``save_steps`` its records are those of ``save_steps`` on upstream's algorithms without a cache (argmax token,
+    float64 confidence, KL to the previous forward over the block's masks), the next block's distributions
+    remembered or not as KLASS's are."""
     check_dream(model)
-    mask_id, steps = gc.mask_token_id, gc.steps
-    x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=mask_id)
+    x = F.pad(input_ids, (0, gc.max_length - input_ids.shape[1]), value=gc.mask_token_id)
     rows, length = x.shape
     plen = input_ids.shape[1]
-    gen = length - plen
+    bl, num_blocks, spb = _cached_blocks(gc, plen, length - plen, block_length, config is None)
+    mask4d, tok_idx = _prepare_attention(attention_mask, gc.max_length)
+    histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
+    recorder = StepRecorder() if save_steps else None
+    if config is not None:
+        rule = _KlassRule(KlassStep(config, StepRules(low_precision_tokens=True), rows, bl, x.device), module, gc,
+                          recorder)
+    else:
+        observer = KlassStep(KlassConfig(kl_history_length=1), StepRules(), rows, bl, x.device) if save_steps else None
+        rule = _UpstreamRule(module, gc, spb, torch.linspace(1, gc.eps, spb + 1, device=x.device), length, observer,
+                             recorder)
+    blocks = RowBlocks(rows, plen, bl, num_blocks, x.device)
+    forward = dream_cached_forward(model, x, mask4d, tok_idx, cache, bl)
+    used, left = _cached_loop(x, forward, rule, blocks, gc.steps, gc.mask_token_id, histories, recorder, cache.mode)
+    return _result(x, gc.mask_token_id, plen, gc, used, left, recorder, histories)
+
+
+def _cached_blocks(gc, plen, gen, block_length, upstream_alg):
+    """``(block_length, num_blocks, steps_per_block or None)`` of a cached call, checked before any forward."""
     bl = block_length if block_length is not None else min(DEFAULT_BLOCK, gen)
     if plen < 1:
         raise ValueError(f"use_cache needs a prompt of at least one token (the input has {plen})")
@@ -312,20 +359,18 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
         raise ValueError(f"use_cache: the generated length ({gen} = max_length {gc.max_length} - prompt length "
                          f"{plen}) must be a positive multiple of block_length ({bl})")
     num_blocks = gen // bl
-    if config is None:
-        if save_steps:
-            raise ValueError("save_steps with use_cache takes alg='klass' (the step records are KLASS's)")
-        if steps % num_blocks:
-            raise ValueError(f"use_cache with alg={gc.alg!r}: steps ({steps}) must be a multiple of the number of "
-                             f"blocks ({gen} // block_length {bl} = {num_blocks})")
-        spb = steps // num_blocks
-        timesteps = torch.linspace(1, gc.eps, spb + 1, device=x.device)
-    mask4d, tok_idx = _prepare_attention(attention_mask, gc.max_length)
-    histories = [] if (gc.return_dict_in_generate and gc.output_history and not save_steps) else None
-    recorder = StepRecorder() if save_steps else None
-    tracker = StabilityTracker(rows, length, plen, min(gen, 2 * bl), config.kl_history_length, x.device) \
-        if config is not None else None
-    kv = KVCache(rows)
+    if not upstream_alg:
+        return bl, num_blocks, None
+    if gc.steps % num_blocks:
+        raise ValueError(f"use_cache with alg={gc.alg!r}: steps ({gc.steps}) must be a multiple of the number of "
+                         f"blocks ({gen} // block_length {bl} = {num_blocks})")
+    return bl, num_blocks, gc.steps // num_blocks
+
+
+def dream_cached_forward(model, x, mask4d, tok_idx, cache: CacheConfig, block_length) -> BlockForward:
+    """The cached forwards of a Dream call (``klass_patch.cache``): full and window forwards of data rows of ``x``
+    (updated in place by the loop), with upstream's mask and position ids of those rows."""
+    kv = KVCache(x.shape[0])
 
     def rows_of(sel):
         return (mask4d[sel] if isinstance(mask4d, torch.Tensor) else mask4d,
@@ -334,95 +379,113 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
     def full(sel):
         return dream_full_forward(model, kv, x[sel], *rows_of(sel), sel)
 
-    def window(sel, pos, valid):
-        return dream_window_forward(model, kv, x[sel].gather(1, pos), sel, pos, valid, *rows_of(sel))
+    def window(sel, pos, valid, full_width):
+        return dream_window_forward(model, kv, x[sel].gather(1, pos), sel, pos, valid, *rows_of(sel), full_width)
 
-    forward = BlockForward(cache, length, bl, 1, full, window)
-    positions = torch.arange(length, device=x.device)
-    block = [0] * rows
-    step_in = [0] * rows
-    used = torch.zeros(rows, dtype=torch.long, device=x.device)
-    sampling = gc.temperature > 0 or (gc.top_p is not None and gc.top_p < 1) or gc.top_k is not None
-    for i in range(steps):
-        mask_index = x == mask_id
-        has_masks = mask_index[:, plen:].view(rows, num_blocks, bl).any(-1).tolist()  # one sync per step
-        for r in range(rows):  # a row moves on when its block has no mask left
-            while block[r] < num_blocks and not has_masks[r][block[r]]:
-                block[r], step_in[r] = block[r] + 1, 0
-        if all(b >= num_blocks for b in block):
-            break
-        live = torch.tensor([b < num_blocks for b in block], device=x.device)
-        used += live
-        bstart = torch.tensor([plen + b * bl for b in block], device=x.device)
-        logits = forward(bstart, live, torch.tensor([cache.refreshes(s) for s in step_in], device=x.device))
-        in_block = (positions >= bstart.unsqueeze(-1)) & (positions < bstart.unsqueeze(-1) + bl)
-        cand = mask_index & in_block & live.unsqueeze(-1)
-        read_at = (positions - bstart.unsqueeze(-1)).clamp_(0, logits.shape[1] - 1)  # p's logits: p - 1 - (s - 1)
-        r_idx, p_idx = cand.nonzero(as_tuple=True)
-        read = read_at[r_idx, p_idx]
-        if config is None:  # upstream's rule on the block's masks
-            conf, tok = module.sample_tokens(logits[r_idx, read], temperature=gc.temperature, top_p=gc.top_p,
-                                             top_k=gc.top_k, margin_confidence=gc.alg == "topk_margin",
-                                             neg_entropy=gc.alg == "entropy")
-            x0 = x.clone()
-            x0[r_idx, p_idx] = tok
-            scores = torch.full((rows, length), -math.inf, dtype=conf.dtype, device=x.device)
-            scores[r_idx, p_idx] = conf
-            transfer = torch.zeros_like(cand)
-            counts = cand.sum(-1).tolist()
-            for r in range(rows):
-                if not block[r] < num_blocks:
-                    continue
-                masks, j = counts[r], step_in[r]
-                k = masks if j >= spb - 1 else int(masks * (1 - timesteps[j + 1] / timesteps[j]))
-                if k > 0 and not getattr(gc, "alg_temp", None):
-                    transfer[r, scores[r].topk(k).indices] = True
-                elif k > 0:  # upstream's alg_temp: drawn in proportion to softmax(confidence / alg_temp)
-                    transfer[r, torch.multinomial(F.softmax(scores[r] / gc.alg_temp, dim=-1), num_samples=k)] = True
-            x = torch.where(transfer, x0, x)
-            for r in range(rows):
-                step_in[r] += block[r] < num_blocks
-            if histories is not None:
-                histories.append(x.clone())
-            continue
-        tok, conf, kl = tracker.update(logits, r_idx, p_idx, low_precision_tokens=True, read_pos=read)
-        x0 = x.clone()
-        x0[r_idx, p_idx] = tok
-        full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=x.device)
-        full_conf[r_idx, p_idx] = conf
-        full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=x.device)
-        full_kl[r_idx, p_idx] = kl
+    return BlockForward(cache, x.shape[1], block_length, 1, full, window)
 
-        ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold, strict=False)
-        transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
-        fallback = live & ~ready.any(-1)
-        if bool(fallback.any()):  # as klass_sample, over the block's masks
-            if sampling:
-                mine = fallback[r_idx]
-                conf_fb, _ = module.sample_tokens(logits[r_idx[mine], read[mine]], temperature=gc.temperature,
-                                                  top_p=gc.top_p, top_k=gc.top_k)
-                scores = torch.full((rows, length), -math.inf, dtype=conf_fb.dtype, device=x.device)
-                scores[r_idx[mine], p_idx[mine]] = conf_fb
-                best = scores.argmax(-1)
-            else:
-                best = low_precision_max_position(logits, read_at, full_conf, cand & fallback.unsqueeze(-1))
-            pick = F.one_hot(best, length).bool()
-            transfer = torch.where(fallback.unsqueeze(-1), pick, transfer)
-        if recorder is not None:
-            recorder.add(i, cand, x0, full_conf, full_kl, transfer)
-        x = torch.where(transfer, x0, x)
-        done = ((x == mask_id) & in_block).any(-1).logical_not_().tolist()
-        for r in range(rows):
-            if not block[r] < num_blocks:
+
+class _KlassRule:
+    """KLASS's step on the rows' blocks (``klass_sample``'s rules: low-precision token, ``>=``, one fallback)."""
+
+    def __init__(self, stepper, module, gc, recorder):
+        self.tracked, self.module, self.gc, self.recorder = stepper, module, gc, recorder
+
+    def __call__(self, window, cand, xw, blocks, pos):
+        scores = _sampled_fallback(self.module, self.gc, window, cand) if _sampling(self.gc) else None
+        out = self.tracked.step(window, cand, fallback_scores=scores)
+        record = () if self.recorder is None else (
+            self.recorder.pack(cand, out.tokens, out.confidence, out.kl, out.commit, positions=pos),)
+        return out.commit, out.tokens, record
+
+
+class _UpstreamRule:
+    """Upstream's ``maskgit_plus`` / ``topk_margin`` / ``entropy`` on each row's block: upstream's confidence over the
+    block's masks, its top ``int(masks * (1 - s / t))`` (all at the block's last step), or drawn with ``alg_temp``.
+    Host reads as upstream's own loop makes them (the candidates, each row's count). With ``observer`` (a
+    ``KlassStep``), also the records ``save_steps`` gives of upstream's algorithms."""
+
+    def __init__(self, module, gc, spb, timesteps, length, observer, recorder):
+        self.module, self.gc, self.spb, self.timesteps, self.length = module, gc, spb, timesteps, length
+        self.tracked, self.recorder = observer, recorder
+
+    def __call__(self, window, cand, xw, blocks, pos):
+        gc, rows = self.gc, cand.shape[0]
+        r_idx, j_idx = cand.nonzero(as_tuple=True)
+        conf, tok = self.module.sample_tokens(window[r_idx, j_idx], temperature=gc.temperature, top_p=gc.top_p,
+                                              top_k=gc.top_k, margin_confidence=gc.alg == "topk_margin",
+                                              neg_entropy=gc.alg == "entropy")
+        tokens = xw.clone()
+        tokens[r_idx, j_idx] = tok
+        scores = torch.full((rows, self.length), -math.inf, dtype=conf.dtype, device=cand.device)
+        scores[r_idx, pos[r_idx, j_idx]] = conf
+        transfer = torch.zeros((rows, self.length), dtype=torch.bool, device=cand.device)
+        for r, k in enumerate(self._counts(cand, blocks)):
+            if not blocks.active[r] or k <= 0:
                 continue
-            step_in[r] += 1
-            if done[r] and block[r] + 1 < num_blocks:  # the block's last forward: the next block's first KL
-                nxt = positions[plen + (block[r] + 1) * bl:plen + (block[r] + 2) * bl]
-                if cache.mode == "prefix":
-                    tracker.remember(logits, torch.full_like(nxt, r), nxt, read_pos=nxt - int(bstart[r]))
-                else:
-                    tracker.reset(torch.full_like(nxt, r), nxt)
+            if not getattr(gc, "alg_temp", None):
+                transfer[r, scores[r].topk(k).indices] = True
+            else:  # upstream's alg_temp: drawn in proportion to softmax(confidence / alg_temp)
+                transfer[r, torch.multinomial(F.softmax(scores[r] / gc.alg_temp, dim=-1), num_samples=k)] = True
+        commit = transfer.gather(1, pos)
+        record = ()
+        if self.recorder is not None:
+            obs = self.tracked.observe(window)
+            record = (self.recorder.pack(cand, obs.tokens, torch.where(cand, obs.confidence, -math.inf),
+                                         torch.where(cand, obs.kl, math.inf), commit,
+                                         decided_tokens=torch.where(commit, tokens, xw), positions=pos),)
+        return commit, tokens, record
+
+    def _counts(self, cand, blocks):
+        """Each row's number of tokens to unmask at this step of its block (one read)."""
+        j, spb = blocks.step_t, self.spb
+        masks = cand.sum(-1)
+        ratio = 1 - self.timesteps[(j + 1).clamp(max=spb)] / self.timesteps[j.clamp(max=spb)]
+        return [int(k) for k in to_host(torch.where(j >= spb - 1, masks, (masks * ratio).long()))[0]]
+
+
+def _cached_loop(x, forward, rule, blocks, steps, mask_id, histories, recorder, mode):
+    """Dream's decoding loop under a cache: each row's block until its masks are gone, at most ``steps`` forwards.
+    ``x`` is updated in place. One host read per forward (which blocks still hold masks, the masks left) besides
+    the rule's. Returns ``(forwards per row, masks left per row)``."""
+    rows, bl, count = x.shape[0], blocks.width, blocks.count
+    used, left = [0] * rows, None
+    for i in range(steps):
+        if not any(blocks.active):
+            break
+        used = [u + a for u, a in zip(used, blocks.active)]
+        logits = forward(blocks)
+        pos = blocks.positions_t()
+        xw = x.gather(1, pos)
+        cand = (xw == mask_id) & blocks.active_t.unsqueeze(-1)
+        commit, tokens, record = rule(logits[:, :bl], cand, xw, blocks, pos)
+        x.scatter_(1, pos, torch.where(commit, tokens, xw))
+        gen = x[:, blocks.first:] == mask_id
+        has = gen.view(rows, count, bl).any(-1)
+        flags, masks, *record = to_host(has.long(), gen.sum(-1), *record)  # the loop's one host read
+        left = [int(v) for v in masks]
+        if recorder is not None:
+            recorder.add_packed(i, record[0])
+        _next_blocks(blocks, rule.tracked, flags, has, logits if mode == "prefix" else None)
         if histories is not None:
             histories.append(x.clone())
+    return used, left
 
-    return _result(x, mask_id, plen, gc, used, recorder, histories)
+
+def _next_blocks(blocks, tracked, flags, has, logits):
+    """Rows whose block has no mask left move to the next block that has one (on the host and on the device alike);
+    at a block's end the next block's distributions are remembered (``logits``: the window that computed them) or
+    it starts afresh."""
+    bl, count = blocks.width, blocks.count
+    block = []
+    for r, b in enumerate(blocks.block):
+        if b < count and not flags[r][b] and b + 1 < count and tracked is not None:
+            if logits is None:
+                tracked.restart(r)
+            else:
+                tracked.remember(r, logits[r, bl:2 * bl])
+        while b < count and not flags[r][b]:
+            b += 1
+        block.append(b)
+    later = has & (torch.arange(count, device=has.device) >= blocks.block_t.unsqueeze(-1))
+    blocks.move(block, torch.where(later.any(-1), later.int().argmax(-1), count))

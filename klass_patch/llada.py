@@ -23,28 +23,27 @@ import wrapt
 from .cache import CacheConfig, KVCache, cache_options, llada_attached, llada_full_forward, llada_window_forward
 from .cache import BlockForward, windows  # noqa: E402 (the cache: use_cache=...)
 from .versions import identify_module
+from .blocks import RowBlocks, window_of
 from .core import (
     GenerateOutput,
     KlassConfig,
+    KlassStep,
     Observer,
-    StabilityTracker,
     StepRecorder,
+    StepRules,
     klass_options,
     masks_left_warning,
-    ready_mask,
-    select_ready,
+    to_host,
 )
 
 EOS_ID, EOT_ID = 126081, 126348  # the ids upstream's logits_eos_inf / confidence_eos_eot_inf refer to (LLaDA-8B's)
 ALGS = (None, "default", "klass")
 
 
-def _schedule(module, block_length: int, steps_per_block: int) -> list:
-    """Upstream's number of tokens to unmask at each step of a (fully masked) block."""
-    fn = getattr(module, "get_num_transfer_tokens", None)
-    full = torch.ones((1, block_length), dtype=torch.bool)
-    if fn is not None:
-        return [int(k) for k in fn(full, steps_per_block)[0].tolist()]
+def _schedule(block_length: int, steps_per_block: int) -> list:
+    """Upstream's number of tokens to unmask at each step of a (fully masked) block: ``get_num_transfer_tokens`` of
+    every known ``generate.py`` (the block's masks spread evenly, the remainder on the first steps), computed on
+    the host (upstream's function takes and returns tensors: reading them back would be a host read)."""
     base, rem = divmod(block_length, steps_per_block)
     return [base + (1 if s < rem else 0) for s in range(steps_per_block)]
 
@@ -85,6 +84,90 @@ def check_lengths(prompt, steps, gen_length, block_length) -> tuple:
     return num_blocks, steps // num_blocks
 
 
+def _check_klass_call(model, prompt, attention_mask, steps, gen_length, block_length, temperature, module,
+                      add_gumbel_noise, cache, mask_as_bias):
+    """Everything a KLASS call can get wrong, before any forward: ``(num_blocks, steps_per_block, noise)``."""
+    num_blocks, spb = check_lengths(prompt, steps, gen_length, block_length)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
+    if temperature > 0 and add_gumbel_noise is None:
+        raise ValueError("temperature > 0 needs upstream's add_gumbel_noise; pass module= or add_gumbel_noise=")
+    if mask_as_bias and cache is not None and attention_mask is not None and bool((attention_mask == 0).any()):
+        raise ValueError("use_cache with a padded batch is not supported for MMaDA's generate.py (its model takes "
+                         "the mask as attention_bias); use_cache=None, or one prompt per call")
+    return num_blocks, spb, add_gumbel_noise
+
+
+def _start(model, prompt, attention_mask, gen_length, mask_id):
+    """Upstream's start: the prompt followed by ``gen_length`` masks, and the attention mask extended over them."""
+    rows, plen = prompt.shape
+    device = model.device
+    x = torch.full((rows, plen + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :plen] = prompt
+    if attention_mask is not None:
+        attention_mask = attention_mask if attention_mask.device == device else attention_mask.to(device)
+        attention_mask = torch.cat(
+            [attention_mask, torch.ones((rows, gen_length), dtype=attention_mask.dtype, device=device)], dim=-1)
+    return x, attention_mask
+
+
+def _guided(call, ids, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id):
+    """Upstream's logits of a forward: classifier-free guidance (the prompt masked in a second copy of the rows)
+    and, with ``logits_eos_inf``, no EOS."""
+    if cfg_scale > 0.0:
+        un = ids.masked_fill(prompt_index, mask_id)
+        am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+        cond, uncond = torch.chunk(call(torch.cat([ids, un]), am), 2, dim=0)
+        out = uncond + (cfg_scale + 1) * (cond - uncond)
+    else:
+        out = call(ids, attention_mask)
+    if logits_eos_inf:
+        out[:, :, eos_id] = -torch.inf
+    return out
+
+
+class _Uncached:
+    """No cache: every forward is a full one (all rows, as upstream's); the window is each row's block of it."""
+
+    def __init__(self, model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, bias):
+        def call(inp, am):
+            if bias is not False:  # MMaDA: the mask as a pairwise attention_bias
+                return model(inp, attention_bias=bias).logits
+            return (model(inp) if am is None else model(inp, attention_mask=am)).logits
+        self.args = (call, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id)
+
+    def __call__(self, x, blocks):
+        call, prompt_index, attention_mask, *rest = self.args
+        logits = _guided(call, x, prompt_index, attention_mask, *rest)
+        starts, width = blocks.starts(), blocks.width
+        return window_of(logits, blocks), lambda r: logits[r, starts[r] + width:starts[r] + 2 * width]
+
+
+class _Cached:
+    """A cache (``klass_patch.cache``): full forwards at block starts (and every ``refresh_every``), window forwards
+    otherwise. The next block's distributions come from the window (``"prefix"``) or are not computed (``"dual"``)."""
+
+    def __init__(self, forward, mode):
+        self.forward, self.mode = forward, mode
+
+    def __call__(self, x, blocks):
+        logits = self.forward(blocks)
+        width = blocks.width
+        if self.mode == "prefix":
+            return logits[:, :width], lambda r: logits[r, width:2 * width]
+        return logits[:, :width], lambda r: None
+
+
+def _noisy_tokens(add_gumbel_noise, logits, candidates, temperature):
+    """Upstream's Gumbel-max tokens of the candidates; the noise is drawn for them only, in their order, as
+    before (a host read: the noise's shape is the number of candidates)."""
+    r, j = candidates.nonzero(as_tuple=True)
+    tokens = torch.zeros(candidates.shape, dtype=torch.long, device=candidates.device)
+    tokens[r, j] = add_gumbel_noise(logits[r, j], temperature=temperature).argmax(-1)
+    return tokens
+
+
 @torch.no_grad()
 def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=128, block_length=128,
                    temperature=0.0, cfg_scale=0.0, mask_id=126336, logits_eos_inf=False,
@@ -99,139 +182,79 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     ``refresh_every`` forwards), window forwards otherwise; candidates are the block's masks as without a cache.
     At a block's last forward the next block's distributions are remembered for its first KL with ``"prefix"``
     (its window computed them); with ``"dual"`` they were not computed, so the next block starts afresh (KL
-    history reset, as the first block starts). None: no cache, today's code path.
+    history reset, as the first block starts). None: a full forward every time.
 
     ``special``: ``(eos, eot)`` ids (default: ``special_ids(model)``). ``mask_as_bias``: call the model as MMaDA's
     generate.py does (a padded batch's mask as ``attention_bias``; none with classifier-free guidance)."""
-    num_blocks, spb = check_lengths(prompt, steps, gen_length, block_length)
+    num_blocks, spb, add_gumbel_noise = _check_klass_call(
+        model, prompt, attention_mask, steps, gen_length, block_length, temperature, module, add_gumbel_noise, cache,
+        mask_as_bias)
     gen_length, block_length = int(gen_length), int(block_length)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
-    if temperature > 0 and add_gumbel_noise is None:
-        raise ValueError("temperature > 0 needs upstream's add_gumbel_noise; pass module= or add_gumbel_noise=")
     eos_id, eot_id = special if special is not None else special_ids(model)
-    if mask_as_bias and cache is not None and attention_mask is not None and bool((attention_mask == 0).any()):
-        raise ValueError("use_cache with a padded batch is not supported for MMaDA's generate.py (its model takes "
-                         "the mask as attention_bias); use_cache=None, or one prompt per call")
-    device = model.device
+    x, attention_mask = _start(model, prompt, attention_mask, gen_length, mask_id)
     rows, plen = prompt.shape
-    length = plen + gen_length
-    x = torch.full((rows, length), mask_id, dtype=torch.long, device=device)
-    x[:, :plen] = prompt
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-        attention_mask = torch.cat(
-            [attention_mask, torch.ones((rows, gen_length), dtype=attention_mask.dtype, device=device)], dim=-1)
     prompt_index = x != mask_id
-    k_of_step = _schedule(module, block_length, spb)
-    # MMaDA: the mask as a pairwise bias (built once), and no mask at all under guidance
-    bias = mmada_bias(attention_mask) if mask_as_bias and cfg_scale == 0.0 else None
-
-    def forward(ids):
-        def call(inp, am):
-            if mask_as_bias:
-                return model(inp, attention_bias=bias).logits
-            return (model(inp) if am is None else model(inp, attention_mask=am)).logits
-        if cfg_scale > 0.0:
-            un = ids.clone()
-            un[prompt_index] = mask_id
-            am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-            cond, uncond = torch.chunk(call(torch.cat([ids, un]), am), 2, dim=0)
-            out = uncond + (cfg_scale + 1) * (cond - uncond)
-        else:
-            out = call(ids, attention_mask)
-        if logits_eos_inf:
-            out[:, :, eos_id] = -torch.inf
-        return out
-
-    n_hist = config.kl_history_length
-    tracker = StabilityTracker(rows, length, plen, min(gen_length, 2 * block_length), n_hist, device)
-    recorder = StepRecorder() if save_steps else None
-    block, step_in, left, used = [0] * rows, [0] * rows, [block_length] * rows, [0] * rows
-    positions = torch.arange(length, device=device)
-    cached, attached = None, contextlib.nullcontext()
-    if cache is not None:  # ---- use_cache: the step's forward goes through klass_patch.cache
-        cached, attached = _cached_forward(model, lambda: x, prompt_index, attention_mask, cache, length,
-                                           block_length, cfg_scale, mask_id, logits_eos_inf, eos_id)
-    it = 0
+    if cache is None:
+        bias = mmada_bias(attention_mask) if mask_as_bias and cfg_scale == 0.0 else (None if mask_as_bias else False)
+        forward = _Uncached(model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, bias)
+        attached = contextlib.nullcontext()
+    else:
+        cached, attached = _cached_forward(model, x, prompt_index, attention_mask, cache, x.shape[1], block_length,
+                                           cfg_scale, mask_id, logits_eos_inf, eos_id)
+        forward = _Cached(cached, cache.mode)
+    ban = ((eot_id,) if temperature > 0 else (eot_id, eos_id)) if confidence_eos_eot_inf else ()
+    rules = StepRules(strict=True, guard=True, schedule=tuple(_schedule(block_length, spb)),
+                      ban_after_token=ban)
+    stepper = KlassStep(config, rules, rows, block_length, x.device)
+    blocks = RowBlocks(rows, plen, block_length, num_blocks, x.device)
+    noise = (lambda logits, cand: _noisy_tokens(add_gumbel_noise, logits, cand, temperature)) if temperature > 0 \
+        else None
     with attached:
-        while True:
-            for r in range(rows):  # a row moves on when its block is decided or its step budget is spent
-                if block[r] < num_blocks and (left[r] == 0 or step_in[r] == spb):
-                    block[r], step_in[r], left[r] = block[r] + 1, 0, block_length
-            active = [b < num_blocks for b in block]
-            if not any(active):
-                break
-            if cached is None:
-                logits = forward(x)
-            else:  # window logits: position p of row r at p - its block start
-                bstart = torch.tensor([plen + b * block_length for b in block], device=device)
-                logits = cached(bstart, torch.tensor(active, device=device),
-                                torch.tensor([cache.refreshes(s) for s in step_in], device=device))
+        used, left, records = _klass_loop(x, forward, stepper, blocks, spb, mask_id, noise, save_steps)
+    masks_left_warning(x, mask_id, plen, counts=left)
+    return GenerateOutput(sequences=x, used_steps=torch.tensor(used, dtype=torch.long), history=records)
 
-            start = torch.tensor([plen + b * block_length for b in block], device=device).unsqueeze(-1)
-            in_block = (positions >= start) & (positions < start + block_length)
-            in_block &= torch.tensor(active, device=device).unsqueeze(-1)
-            cand = (x == mask_id) & in_block
-            r_idx, p_idx = cand.nonzero(as_tuple=True)
-            rp = p_idx if cached is None else p_idx - bstart[r_idx]  # where the logits of a candidate are
-            tokens = None  # the float64 argmax, unless the token is chosen on other logits than the confidence
-            if temperature > 0:
-                tokens = add_gumbel_noise(logits[r_idx, rp], temperature=temperature).argmax(-1)
-            if confidence_eos_eot_inf:
-                # upstream: the token is chosen first, then EOT (and EOS at temperature 0) get no probability; p is
-                # computed after, so the same altered logits serve this step and the next block's first KL
-                tokens = logits[r_idx, rp].argmax(-1) if tokens is None else tokens
-                logits[:, :, eot_id] = -torch.inf
-                if temperature == 0:
-                    logits[:, :, eos_id] = -torch.inf
-            tok, conf, kl = tracker.update(logits, r_idx, p_idx, tokens, read_pos=None if cached is None else rp)
-            x0 = x.clone()
-            x0[r_idx, p_idx] = tok
-            full_conf = torch.full((rows, length), -math.inf, dtype=torch.float64, device=device)
-            full_conf[r_idx, p_idx] = conf
-            full_kl = torch.full((rows, length), math.inf, dtype=torch.float64, device=device)
-            full_kl[r_idx, p_idx] = kl
 
-            guard = torch.tensor([s >= n_hist - 1 for s in step_in], device=device)
-            ready = ready_mask(cand, full_conf, tracker.stable(config.kl_threshold), config.conf_threshold,
-                               strict=True, guard=guard)
-            transfer = select_ready(ready, full_conf, full_kl, config.unmask_strategy)
-            has_ready = ready.any(-1).tolist()
-            for r in range(rows):
-                if active[r] and not has_ready[r]:  # fallback: upstream's top-k by confidence in the block
-                    _, top = torch.topk(full_conf[r], k=k_of_step[step_in[r]])
-                    transfer[r, top] = True
-            transfer &= cand
-            if recorder is not None:
-                recorder.add(it, cand, x0, full_conf, full_kl, transfer)
-            x = torch.where(transfer, x0, x)
-
-            left_now = ((x == mask_id) & in_block).sum(-1).tolist()
-            for r in range(rows):
-                if not active[r]:
-                    continue
+def _klass_loop(x, forward, stepper, blocks, spb, mask_id, noise, save_steps):
+    """The decoding loop (every mode): one forward and one KLASS step per iteration, for the rows whose blocks are
+    not done; a row's block ends when its masks are gone or its ``spb`` steps are spent. One host read per
+    forward: which rows' blocks ended (and the masks left, for the final warning). ``x`` is updated in place.
+    Returns ``(forwards per row, masks left per row, step records or None)``."""
+    recorder = StepRecorder() if save_steps else None
+    rows = x.shape[0]
+    used, left = [0] * rows, None
+    it = 0
+    while any(blocks.active):
+        logits, next_block = forward(x, blocks)
+        pos = blocks.positions_t()
+        xw = x.gather(1, pos)
+        cand = (xw == mask_id) & blocks.active_t.unsqueeze(-1)
+        out = stepper.step(logits, cand, blocks.step_t, noise(logits, cand) if noise is not None else None)
+        new = torch.where(out.commit, out.tokens, xw)
+        x.scatter_(1, pos, new)
+        ended_t = blocks.active_t & (((new == mask_id).sum(-1) == 0) | (blocks.step_t + 1 == spb))
+        masks = (x[:, blocks.first:] == mask_id).sum(-1)
+        record = () if recorder is None else (recorder.pack(cand, out.tokens, out.confidence, out.kl, out.commit,
+                                                            positions=pos),)
+        flags, *record = to_host(torch.stack([ended_t.long(), masks]), *record)  # the one host read of the forward
+        ended, left = ([int(v) for v in line] for line in flags)
+        if recorder is not None:
+            recorder.add_packed(it, record[0])
+        for r in range(rows):
+            if blocks.active[r]:
                 used[r] += 1
-                step_in[r] += 1
-                left[r] = left_now[r]
-                if (left[r] == 0 or step_in[r] == spb) and block[r] + 1 < num_blocks:
-                    # this was the block's last forward: keep the next block's distributions for its first KL
-                    nxt = torch.arange(block_length, device=device) + plen + (block[r] + 1) * block_length
-                    if cached is None:
-                        tracker.remember(logits, torch.full_like(nxt, r), nxt)
-                    elif cache.mode == "prefix":  # the window held the next block
-                        tracker.remember(logits, torch.full_like(nxt, r), nxt, read_pos=nxt - bstart[r])
-                    else:  # "dual": not computed by this forward: the next block starts afresh
-                        tracker.reset(torch.full_like(nxt, r), nxt)
-            it += 1
-
-    masks_left_warning(x, mask_id, plen)
-    return GenerateOutput(sequences=x, used_steps=torch.tensor(used, dtype=torch.long),
-                          history=recorder.records if recorder is not None else None)
+            if ended[r] and blocks.block[r] + 1 < blocks.count:  # the block's last forward: the next block's start
+                following = next_block(r)
+                if following is None:
+                    stepper.restart(r)
+                else:
+                    stepper.remember(r, following)
+        blocks.advance(ended, ended_t)
+        it += 1
+    return used, left, recorder.records if recorder is not None else None
 
 
-def _cached_forward(model, get_x, prompt_index, attention_mask, cache: CacheConfig, length, block_length, cfg_scale,
+def _cached_forward(model, x, prompt_index, attention_mask, cache: CacheConfig, length, block_length, cfg_scale,
                     mask_id, logits_eos_inf, eos_id=EOS_ID):
     """``(BlockForward, context)`` of a cached KLASS run: the full and window forwards of data rows (classifier-free
     guidance: their unconditional copies ride along as model rows ``rows + r``), and the context that attaches
@@ -245,8 +268,7 @@ def _cached_forward(model, get_x, prompt_index, attention_mask, cache: CacheConf
     def with_uncond(ids, sel):
         if not cfg:
             return ids, sel
-        un = ids.clone()
-        un[prompt_index[sel]] = mask_id
+        un = ids.masked_fill(prompt_index[sel], mask_id)
         return torch.cat([ids, un]), torch.cat([sel, sel + rows])
 
     def finish(out):
@@ -258,16 +280,16 @@ def _cached_forward(model, get_x, prompt_index, attention_mask, cache: CacheConf
         return out
 
     def full(sel):
-        ids, msel = with_uncond(get_x()[sel], sel)
+        ids, msel = with_uncond(x[sel], sel)
         am = None if attention_mask is None else attention_mask[sel]
         am = torch.cat([am, am]) if cfg and am is not None else am
         return finish(llada_full_forward(model, kv, ids, am, msel))
 
-    def window(sel, pos, valid):
-        ids, msel = with_uncond(get_x()[sel], sel)
+    def window(sel, pos, valid, full_width):
+        ids, msel = with_uncond(x[sel], sel)
         if cfg:
             pos, valid = torch.cat([pos, pos]), torch.cat([valid, valid])
-        return finish(llada_window_forward(model, kv, ids.gather(1, pos), msel, pos, valid))
+        return finish(llada_window_forward(model, kv, ids.gather(1, pos), msel, pos, valid, full_width))
 
     return BlockForward(cache, length, block_length, 0, full, window), llada_attached(model, kv, length)
 
@@ -290,7 +312,8 @@ class CachedModel(wrapt.ObjectProxy):
         if attention_mask is not None and bool((attention_mask == 0).any()):
             keep = torch.cat([attention_mask != 0, torch.ones((rows, int(gen_length)), dtype=torch.bool,
                                                               device=attention_mask.device)], dim=-1)
-            self._self_kv.key_mask = torch.cat([keep] * copies).to(model.device)
+            keep = torch.cat([keep] * copies)
+            self._self_kv.key_mask = keep if keep.device == model.device else keep.to(model.device)
         self._self_calls = 0
 
     def __call__(self, ids, attention_mask=None, **kwargs):
@@ -305,8 +328,8 @@ class CachedModel(wrapt.ObjectProxy):
                 return self.__wrapped__(ids, attention_mask=attention_mask, **kwargs)
         start = plen + block * bl
         starts = torch.full((ids.shape[0],), start, device=ids.device)
-        pos, valid = windows(cache.mode, starts, ids.shape[1], bl)
-        logits = llada_window_forward(self.__wrapped__, kv, ids.gather(1, pos), None, pos, valid)
+        pos, valid = windows(cache.mode, starts, ids.shape[1], bl, 0, ids.shape[1] - start)  # every row's window alike
+        logits = llada_window_forward(self.__wrapped__, kv, ids.gather(1, pos), None, pos, valid, True)
         out = logits.new_zeros((*ids.shape, logits.shape[-1]))
         out[:, start:start + pos.shape[1]] = logits
         return _Logits(out)
