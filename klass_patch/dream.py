@@ -177,14 +177,21 @@ def _shifted(logits, start, hooks_given):
 
 
 def _sampled_fallback(module, gc, window, candidates):
-    """The single-token fallback's scores when upstream's ``sample_tokens`` samples (temperature, top_p, top_k): its
-    confidence over the candidates of the rows that fall back, drawn as before (host reads: the draws' shape
-    depends on the data)."""
+    """The single-token fallback's scores when upstream's ``sample_tokens`` changes them (top_p, top_k, temperature):
+    its confidence over the candidates of the rows that fall back. At temperature 0 it draws nothing, so it is
+    computed for every window position (no host read); at temperature > 0 only where it was before, so that the
+    random draws are the same (host reads: the draws' shape depends on the data)."""
     def scores(fallback):
+        mine = candidates & fallback.unsqueeze(-1)
+        if not gc.temperature > 0:
+            rows, width, vocab = window.shape
+            conf, _ = module.sample_tokens(window.reshape(rows * width, vocab), temperature=gc.temperature,
+                                           top_p=gc.top_p, top_k=gc.top_k)
+            return torch.where(mine, conf.view(rows, width), -math.inf)
         out = torch.full(candidates.shape, -math.inf, dtype=window.dtype, device=window.device)
         if not bool(fallback.any()):
             return out
-        r, j = (candidates & fallback.unsqueeze(-1)).nonzero(as_tuple=True)
+        r, j = mine.nonzero(as_tuple=True)
         conf, _ = module.sample_tokens(window[r, j], temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k)
         out = out.to(conf.dtype)
         out[r, j] = conf

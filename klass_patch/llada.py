@@ -93,10 +93,17 @@ def _check_klass_call(model, prompt, attention_mask, steps, gen_length, block_le
     add_gumbel_noise = add_gumbel_noise or getattr(module, "add_gumbel_noise", None)
     if temperature > 0 and add_gumbel_noise is None:
         raise ValueError("temperature > 0 needs upstream's add_gumbel_noise; pass module= or add_gumbel_noise=")
-    if mask_as_bias and cache is not None and attention_mask is not None and bool((attention_mask == 0).any()):
+    if mask_as_bias and cache is not None:
+        _refuse_padded_mmada_cache(attention_mask)
+    return num_blocks, spb, add_gumbel_noise
+
+
+def _refuse_padded_mmada_cache(attention_mask):
+    """MMaDA's generate.py gives its model a padded batch's mask as attention_bias (and takes a mask over prompt and
+    generation): the cache, which needs the keys' padding, refuses it, before any forward."""
+    if attention_mask is not None and bool((attention_mask == 0).any()):
         raise ValueError("use_cache with a padded batch is not supported for MMaDA's generate.py (its model takes "
                          "the mask as attention_bias); use_cache=None, or one prompt per call")
-    return num_blocks, spb, add_gumbel_noise
 
 
 def _start(model, prompt, attention_mask, gen_length, mask_id):
@@ -433,6 +440,8 @@ def make_generate_wrapper(module):
                 save_steps=save_steps, module=module, cache=cache, mask_as_bias=mmada)
             return out if as_dict else out.sequences  # upstream returns the tensor
         attached = contextlib.nullcontext()
+        if cache is not None and mmada:
+            _refuse_padded_mmada_cache(a.get("attention_mask"))
         if cache is not None:  # upstream's loop, its forwards through the cache
             a["model"] = CachedModel(a["model"], a["prompt"], a.get("attention_mask"), a["gen_length"],
                                      a["block_length"], a["steps"], a["cfg_scale"], cache)
