@@ -18,12 +18,14 @@ sent at all.
 
 What this module holds: :class:`CacheConfig` (the options and their validation, before any forward),
 :func:`windows` (the positions a step queries), :class:`KVCache` (the kept K/V and the scatter of a window's fresh
-ones), :class:`BlockForward` (one step's forward for rows in different blocks and phases). Family specifics are
-two small attachment sections at the end: LLaDA's ``LLaDABlock.attention`` is wrapped per instance for the
-duration of a call (its model forward refuses a cache and builds its bias for the input length); Dream's
-attention already calls ``past_key_value.update(...)`` after RoPE, so a :class:`KVCache` is passed as
-``past_key_values`` with the window's ``position_ids`` and a ``[rows, 1, window, length]`` mask. The model files
-are pinned by sha256 (``versions.MODEL_FILES``): another file is used if its interface matches, with a warning.
+ones), :class:`BlockForward` (one step's forward for rows in different blocks and phases) and
+:func:`check_model_code` (the model files are pinned by sha256, ``versions.MODEL_FILES``: another file is used if
+its interface matches, with a warning). Nothing here knows a model family: the attachments live next to their
+families, ``klass_patch.llada_cache`` (LLaDA's ``LLaDABlock.attention`` wrapped per instance for the duration of
+a call: its model forward refuses a cache and builds its bias for the input length) and
+``klass_patch.dream_cache`` (Dream's attention already calls ``past_key_value.update(...)`` after RoPE, so a
+:class:`KVCache` is passed as ``past_key_values`` with the window's ``position_ids`` and a
+``[rows, 1, window, length]`` mask).
 
 KLASS under a cache (the adapters implement it): candidates are the masked positions of the row's current
 block, which every forward computes. A position whose logits a step does not compute is never stable: when the
@@ -34,7 +36,6 @@ computed, and are remembered as without a cache.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import numbers
 import sys
 import warnings
@@ -45,8 +46,7 @@ import torch
 
 from .blocks import rows_where
 
-__all__ = ["MODES", "CacheConfig", "KVCache", "BlockForward", "windows", "cache_options", "llada_attached",
-           "check_model_code"]
+__all__ = ["MODES", "CacheConfig", "KVCache", "BlockForward", "windows", "cache_options", "check_model_code"]
 
 MODES = ("prefix", "dual")
 CACHE_PARAMS = ("use_cache", "cache_refresh_every")
@@ -261,150 +261,3 @@ def check_model_code(obj, family: str) -> str:
                       "relies on its attention interface, which matched, but it was checked on the known file only",
                       RuntimeWarning, stacklevel=3)
     return "unknown"
-
-
-# ---- LLaDA: LLaDABlock.attention wrapped per instance for the duration of a call ------------------------------
-
-_LLADA_BLOCK_ATTRS = ("attention", "rotary_emb", "attn_out", "_scaled_dot_product_attention", "_cast_attn_bias",
-                      "config", "layer_id")
-
-
-def _llada_blocks(model):
-    blocks = [m for m in model.modules() if any(c.__name__ == "LLaDABlock" for c in type(m).__mro__)]
-    if not blocks:
-        raise ValueError("use_cache: no LLaDABlock in this model; the LLaDA cache attaches to the attention of "
-                         "LLaDA's modeling_llada.py (LLaDABlock.attention)")
-    for b in blocks:
-        missing = [a for a in _LLADA_BLOCK_ATTRS if not hasattr(b, a)]
-        params = list(inspect.signature(b.attention).parameters)[:6]
-        if missing or params != ["q", "k", "v", "attention_bias", "layer_past", "use_cache"]:
-            raise ValueError(f"use_cache: {type(b).__name__} does not have the interface of LLaDA's LLaDABlock "
-                             f"(missing {missing or 'nothing'}, attention parameters {params})")
-        if not b.config.rope:
-            raise ValueError("use_cache: the LLaDA cache needs RoPE (config.rope=True), as LLaDA's model does")
-    return blocks
-
-
-def _llada_rope(rotary, t, pos, length):
-    """RoPE of ``t`` ([n, heads, T, hd]) at positions ``pos`` ([n, T]), computed as ``RotaryEmbedding.forward``
-    computes it for those positions (which assumes the queries are the last ``T`` of ``length``)."""
-    t_ = t.float() if rotary.config.rope_full_precision else t
-    with torch.autocast(t.device.type, enabled=False):
-        sin, cos = rotary.get_rotary_embedding(length, t_.device)
-        sin, cos = sin.type_as(t_)[0, 0][pos].unsqueeze(1), cos.type_as(t_)[0, 0][pos].unsqueeze(1)
-        t_ = rotary.apply_rotary_pos_emb(sin, cos, t_)
-    return t_.type_as(t)
-
-
-def _llada_attention(block, cache: KVCache, length: int):
-    original = block.attention  # the bound method of the class
-
-    def attention(q, k, v, attention_bias=None, layer_past=None, use_cache=False):
-        if cache.phase is None or layer_past is not None or use_cache:
-            return original(q, k, v, attention_bias, layer_past, use_cache)
-        cfg = block.config
-        B, T, C = q.size()
-        dtype = k.dtype
-        if cache.phase == "full":  # the original computes the output; the cache keeps its keys/values
-            out = original(q, k, v, attention_bias, layer_past, use_cache)
-        if block.q_norm is not None and block.k_norm is not None:
-            q = block.q_norm(q).to(dtype=dtype)
-            k = block.k_norm(k).to(dtype=dtype)
-        hd = C // cfg.n_heads
-        k = k.view(B, T, cfg.effective_n_kv_heads, hd).transpose(1, 2)
-        v = v.view(B, T, cfg.effective_n_kv_heads, hd).transpose(1, 2)
-        if cache.phase == "full":
-            cache.update(_llada_rope(block.rotary_emb, k, torch.arange(T, device=k.device).expand(B, T), length),
-                         v, block.layer_id)
-            return out
-        q = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)
-        q = _llada_rope(block.rotary_emb, q, cache.pos, length)
-        k, v = cache.update(_llada_rope(block.rotary_emb, k, cache.pos, length), v, block.layer_id)
-        keep = cache.window_key_mask()
-        bias = None
-        if keep is not None:  # the padding bias the model builds for a full forward, for these queries
-            bias = torch.zeros(keep.shape, dtype=torch.float, device=q.device)
-            bias.masked_fill_(~keep, torch.finfo(torch.float).min)
-            bias = block._cast_attn_bias(bias[:, None, None, :], dtype)
-        att = block._scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=0.0 if not block.training else cfg.attention_dropout, is_causal=False)
-        att = att.transpose(1, 2).contiguous().view(B, T, C)
-        return block.attn_out(att), None
-
-    attention.__klass_patch_cache__ = True
-    return attention
-
-
-@contextlib.contextmanager
-def llada_attached(model, cache: KVCache, length: int):
-    """Within the block, every ``LLaDABlock`` of ``model`` runs its attention through ``cache`` while the cache is
-    in a forward phase (``cache.full()``/``cache.window()``), and exactly as before otherwise. The wrappers are
-    instance attributes, removed on exit; the model's class and file are untouched."""
-    blocks = _llada_blocks(model)
-    check_model_code(blocks[0], "llada")
-    mine = []
-    try:
-        for b in blocks:
-            if getattr(b.__dict__.get("attention"), "__klass_patch_cache__", False):
-                raise RuntimeError("use_cache: this LLaDA model is already in a cached generate call")
-            b.attention = _llada_attention(b, cache, length)
-            mine.append(b)
-        yield
-    finally:
-        for b in mine:
-            b.__dict__.pop("attention", None)
-
-
-def llada_full_forward(model, cache: KVCache, ids, attention_mask, sel):
-    """A full forward of model rows ``sel`` that fills the cache; logits exactly a plain forward's."""
-    with cache.full(sel):
-        return (model(ids) if attention_mask is None else model(ids, attention_mask=attention_mask)).logits
-
-
-def llada_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, full_width=None):
-    """A window forward of model rows ``sel``: ``ids_window`` are the ids at ``pos``; padding comes from
-    ``cache.key_mask``."""
-    with cache.window(sel, pos, valid, full_width):
-        return model(ids_window).logits
-
-
-# ---- Dream: a KVCache passed as past_key_values ---------------------------------------------------------------
-
-def _dream_layers(model):
-    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-    if not layers:
-        raise ValueError("use_cache: no Dream attention layers in this model; the Dream cache is passed as "
-                         "past_key_values to Dream's modeling_dream.py")
-    params = inspect.signature(model.forward).parameters
-    missing = [p for p in ("position_ids", "past_key_values", "cache_position") if p not in params]
-    if missing:
-        raise ValueError(f"use_cache: this model's forward lacks {missing} (Dream's modeling_dream.py has them)")
-    return layers
-
-
-def check_dream(model) -> None:
-    """Raise ``ValueError`` unless ``model`` is Dream's model code (by interface); warn on an unknown file."""
-    check_model_code(_dream_layers(model)[0], "dream")
-
-
-def dream_full_forward(model, cache: KVCache, ids, mask4d, tok_idx, sel):
-    """Full forward of rows ``sel`` (``mask4d``/``tok_idx`` already those rows', or ``"full"``/None)."""
-    length = ids.shape[1]
-    with cache.full(sel):
-        return model(ids, mask4d, tok_idx, past_key_values=cache, use_cache=False,
-                     cache_position=torch.arange(length, device=ids.device)).logits
-
-
-def dream_window_forward(model, cache: KVCache, ids_window, sel, pos, valid, mask4d, tok_idx, full_width=None):
-    """Window forward of rows ``sel`` querying ``pos``: position ids at the queries' true positions (``tok_idx``
-    of the padded rows), mask = the full forward's mask rows for the queries (``mask4d``: those rows', or
-    ``"full"``)."""
-    if isinstance(mask4d, torch.Tensor):
-        length = mask4d.shape[-1]
-        mask = mask4d[:, 0].gather(1, pos.unsqueeze(-1).expand(-1, -1, length)).unsqueeze(1)
-    else:
-        mask = None
-    position_ids = pos if tok_idx is None else tok_idx.gather(1, pos)
-    with cache.window(sel, pos, valid, full_width):
-        return model(ids_window, mask, position_ids, past_key_values=cache, use_cache=False,
-                     cache_position=pos[0]).logits

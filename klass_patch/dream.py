@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import RowBlocks
-from .cache import BlockForward, CacheConfig, KVCache, cache_options, check_dream, dream_full_forward
-from .cache import dream_window_forward
+from .cache import CacheConfig, cache_options
+from .dream_cache import cached_forward, check_dream
 from .core import (
     GenerateOutput,
     KlassConfig,
@@ -352,7 +352,7 @@ def klass_sample_cached(model, module, input_ids, attention_mask, gc, config: Op
         rule = _UpstreamRule(module, gc, spb, torch.linspace(1, gc.eps, spb + 1, device=x.device), length, observer,
                              recorder)
     blocks = RowBlocks(rows, plen, bl, num_blocks, x.device)
-    forward = dream_cached_forward(model, x, mask4d, tok_idx, cache, bl)
+    forward = cached_forward(model, x, mask4d, tok_idx, cache, bl)
     used, left = _cached_loop(x, forward, rule, blocks, gc.steps, gc.mask_token_id, histories, recorder, cache.mode)
     return _result(x, gc.mask_token_id, plen, gc, used, left, recorder, histories)
 
@@ -372,24 +372,6 @@ def _cached_blocks(gc, plen, gen, block_length, upstream_alg):
         raise ValueError(f"use_cache with alg={gc.alg!r}: steps ({gc.steps}) must be a multiple of the number of "
                          f"blocks ({gen} // block_length {bl} = {num_blocks})")
     return bl, num_blocks, gc.steps // num_blocks
-
-
-def dream_cached_forward(model, x, mask4d, tok_idx, cache: CacheConfig, block_length) -> BlockForward:
-    """The cached forwards of a Dream call (``klass_patch.cache``): full and window forwards of data rows of ``x``
-    (updated in place by the loop), with upstream's mask and position ids of those rows."""
-    kv = KVCache(x.shape[0])
-
-    def rows_of(sel):
-        return (mask4d[sel] if isinstance(mask4d, torch.Tensor) else mask4d,
-                None if tok_idx is None else tok_idx[sel])
-
-    def full(sel):
-        return dream_full_forward(model, kv, x[sel], *rows_of(sel), sel)
-
-    def window(sel, pos, valid, full_width):
-        return dream_window_forward(model, kv, x[sel].gather(1, pos), sel, pos, valid, *rows_of(sel), full_width)
-
-    return BlockForward(cache, x.shape[1], block_length, 1, full, window)
 
 
 class _KlassRule:

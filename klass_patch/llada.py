@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import numbers
 from typing import Callable, Optional
 
 import torch
 import wrapt
 
-from .cache import CacheConfig, KVCache, cache_options, llada_attached, llada_full_forward, llada_window_forward
-from .cache import BlockForward, windows  # noqa: E402 (the cache: use_cache=...)
+from .cache import CacheConfig, cache_options
+from .llada_cache import CachedModel, cached_forward
 from .versions import identify_module
 from .blocks import RowBlocks, window_of
 from .core import (
@@ -206,7 +205,7 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
         forward = _Uncached(model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, bias)
         attached = contextlib.nullcontext()
     else:
-        cached, attached = _cached_forward(model, x, prompt_index, attention_mask, cache, x.shape[1], block_length,
+        cached, attached = cached_forward(model, x, prompt_index, attention_mask, cache, x.shape[1], block_length,
                                            cfg_scale, mask_id, logits_eos_inf, eos_id)
         forward = _Cached(cached, cache.mode)
     ban = ((eot_id,) if temperature > 0 else (eot_id, eos_id)) if confidence_eos_eot_inf else ()
@@ -259,96 +258,6 @@ def _klass_loop(x, forward, stepper, blocks, spb, mask_id, noise, save_steps):
         blocks.advance(ended, ended_t)
         it += 1
     return used, left, recorder.records if recorder is not None else None
-
-
-def _cached_forward(model, x, prompt_index, attention_mask, cache: CacheConfig, length, block_length, cfg_scale,
-                    mask_id, logits_eos_inf, eos_id=EOS_ID):
-    """``(BlockForward, context)`` of a cached KLASS run: the full and window forwards of data rows (classifier-free
-    guidance: their unconditional copies ride along as model rows ``rows + r``), and the context that attaches
-    the cache to the model's attention for the run."""
-    rows = prompt_index.shape[0]
-    cfg = cfg_scale > 0.0
-    kv = KVCache(rows * (2 if cfg else 1))
-    if attention_mask is not None and bool((attention_mask == 0).any()):
-        kv.key_mask = torch.cat([attention_mask != 0] * (2 if cfg else 1))
-
-    def with_uncond(ids, sel):
-        if not cfg:
-            return ids, sel
-        un = ids.masked_fill(prompt_index[sel], mask_id)
-        return torch.cat([ids, un]), torch.cat([sel, sel + rows])
-
-    def finish(out):
-        if cfg:
-            cond, uncond = torch.chunk(out, 2, dim=0)
-            out = uncond + (cfg_scale + 1) * (cond - uncond)
-        if logits_eos_inf:
-            out[:, :, eos_id] = -torch.inf
-        return out
-
-    def full(sel):
-        ids, msel = with_uncond(x[sel], sel)
-        am = None if attention_mask is None else attention_mask[sel]
-        am = torch.cat([am, am]) if cfg and am is not None else am
-        return finish(llada_full_forward(model, kv, ids, am, msel))
-
-    def window(sel, pos, valid, full_width):
-        ids, msel = with_uncond(x[sel], sel)
-        if cfg:
-            pos, valid = torch.cat([pos, pos]), torch.cat([valid, valid])
-        return finish(llada_window_forward(model, kv, ids.gather(1, pos), msel, pos, valid, full_width))
-
-    return BlockForward(cache, length, block_length, 0, full, window), llada_attached(model, kv, length)
-
-
-class CachedModel(wrapt.ObjectProxy):
-    """A model proxy that runs upstream's own ``generate`` loop with the cache: upstream makes ``steps_per_block``
-    forwards per block, all rows together, so the forward number says the block and step. A full forward at
-    each block start (and every ``refresh_every``) returns the model's output; a window forward returns
-    ``[rows, length, V]`` logits holding the window's and zeros elsewhere (upstream never reads them: its
-    confidence there is ``-inf``, outside the block or not masked). Use within ``attached()``."""
-
-    def __init__(self, model, prompt, attention_mask, gen_length, block_length, steps, cfg_scale,
-                 cache: CacheConfig):
-        super().__init__(model)
-        _, spb = check_lengths(prompt, steps, gen_length, block_length)
-        rows, plen = prompt.shape
-        copies = 2 if cfg_scale > 0.0 else 1
-        self._self_cfg = (plen, int(block_length), spb, cache, plen + int(gen_length))
-        self._self_kv = KVCache(rows * copies)
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            keep = torch.cat([attention_mask != 0, torch.ones((rows, int(gen_length)), dtype=torch.bool,
-                                                              device=attention_mask.device)], dim=-1)
-            keep = torch.cat([keep] * copies)
-            self._self_kv.key_mask = keep if keep.device == model.device else keep.to(model.device)
-        self._self_calls = 0
-
-    def __call__(self, ids, attention_mask=None, **kwargs):
-        plen, bl, spb, cache, _ = self._self_cfg
-        block, step = divmod(self._self_calls, spb)
-        self._self_calls += 1
-        kv = self._self_kv
-        if cache.refreshes(step):
-            with kv.full():
-                if attention_mask is None:
-                    return self.__wrapped__(ids, **kwargs)
-                return self.__wrapped__(ids, attention_mask=attention_mask, **kwargs)
-        start = plen + block * bl
-        starts = torch.full((ids.shape[0],), start, device=ids.device)
-        pos, valid = windows(cache.mode, starts, ids.shape[1], bl, 0, ids.shape[1] - start)  # every row's window alike
-        logits = llada_window_forward(self.__wrapped__, kv, ids.gather(1, pos), None, pos, valid, True)
-        out = logits.new_zeros((*ids.shape, logits.shape[-1]))
-        out[:, start:start + pos.shape[1]] = logits
-        return _Logits(out)
-
-    def attached(self):
-        """The context attaching the cache to the model's attention for the call."""
-        return llada_attached(self.__wrapped__, self._self_kv, self._self_cfg[4])
-
-
-class _Logits:
-    def __init__(self, logits):
-        self.logits = logits
 
 
 class ObservedModel(wrapt.ObjectProxy):
@@ -443,8 +352,9 @@ def make_generate_wrapper(module):
         if cache is not None and mmada:
             _refuse_padded_mmada_cache(a.get("attention_mask"))
         if cache is not None:  # upstream's loop, its forwards through the cache
+            spb = check_lengths(a["prompt"], a["steps"], a["gen_length"], a["block_length"])[1]
             a["model"] = CachedModel(a["model"], a["prompt"], a.get("attention_mask"), a["gen_length"],
-                                     a["block_length"], a["steps"], a["cfg_scale"], cache)
+                                     a["block_length"], spb, a["cfg_scale"], cache)
             attached = a["model"].attached()
         observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
                                  a["steps"], a["cfg_scale"], a["mask_id"],

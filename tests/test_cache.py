@@ -17,8 +17,9 @@ import torch
 import klass_patch
 from conftest import ENV, STANDIN, load_file
 from replay import DEVICE  # KLASS_PATCH_TEST_DEVICE=cuda: the models and inputs on a GPU
-from klass_patch.cache import (KVCache, dream_full_forward, dream_window_forward, llada_attached, llada_full_forward,
-                               llada_window_forward, windows)
+from klass_patch.cache import KVCache, windows
+from klass_patch.dream_cache import dream_full_forward, dream_window_forward
+from klass_patch.llada_cache import llada_attached, llada_full_forward, llada_window_forward
 from klass_patch.dream import _prepare_attention
 
 HERE = Path(__file__).parent
