@@ -310,6 +310,34 @@ class ObservedModel(wrapt.ObjectProxy):
         return self._self_observer.calls
 
 
+def _upstream_call(wrapped, call, cache, save_steps, as_dict, mmada):
+    """Upstream's own loop (``call``: its bound arguments), with its forwards through the cache (``CachedModel``)
+    and observed for step records (``ObservedModel``) as asked."""
+    a = call.arguments
+    attached = contextlib.nullcontext()
+    if cache is not None:
+        if mmada:
+            _refuse_padded_mmada_cache(a.get("attention_mask"))
+        spb = check_lengths(a["prompt"], a["steps"], a["gen_length"], a["block_length"])[1]
+        a["model"] = CachedModel(a["model"], a["prompt"], a.get("attention_mask"), a["gen_length"],
+                                 a["block_length"], spb, a["cfg_scale"], cache)
+        attached = a["model"].attached()
+    observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
+                             a["steps"], a["cfg_scale"], a["mask_id"],
+                             remember_next=cache is None or cache.mode == "prefix") if save_steps else None
+    if observed is not None:
+        a["model"] = observed
+    with attached:
+        seqs = wrapped(*call.args, **call.kwargs)
+    if observed is not None:
+        observed.finish(seqs)
+    if not as_dict:  # upstream's loop through the cache: upstream's return type
+        return seqs
+    forwards = observed.calls if observed is not None else a["steps"]
+    return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), forwards, dtype=torch.long),
+                          history=observed.records if observed is not None else None)
+
+
 def make_generate_wrapper(module):
     """The wrapt wrapper for a LLaDA ``generate`` function of ``module``.
 
@@ -348,27 +376,6 @@ def make_generate_wrapper(module):
                 confidence_eos_eot_inf=a.get("confidence_eos_eot_inf", False), config=config,
                 save_steps=save_steps, module=module, cache=cache, mask_as_bias=mmada)
             return out if as_dict else out.sequences  # upstream returns the tensor
-        attached = contextlib.nullcontext()
-        if cache is not None and mmada:
-            _refuse_padded_mmada_cache(a.get("attention_mask"))
-        if cache is not None:  # upstream's loop, its forwards through the cache
-            spb = check_lengths(a["prompt"], a["steps"], a["gen_length"], a["block_length"])[1]
-            a["model"] = CachedModel(a["model"], a["prompt"], a.get("attention_mask"), a["gen_length"],
-                                     a["block_length"], spb, a["cfg_scale"], cache)
-            attached = a["model"].attached()
-        observed = ObservedModel(a["model"], a["prompt"].shape[1], a["gen_length"], a["block_length"],
-                                 a["steps"], a["cfg_scale"], a["mask_id"],
-                                 remember_next=cache is None or cache.mode == "prefix") if save_steps else None
-        if observed is not None:
-            a["model"] = observed
-        with attached:
-            seqs = wrapped(*call.args, **call.kwargs)
-        if observed is not None:
-            observed.finish(seqs)
-        if not as_dict:  # upstream's loop through the cache: upstream's return type
-            return seqs
-        forwards = observed.calls if observed is not None else a["steps"]
-        return GenerateOutput(sequences=seqs, used_steps=torch.full((seqs.shape[0],), forwards, dtype=torch.long),
-                              history=observed.records if observed is not None else None)
+        return _upstream_call(wrapped, call, cache, save_steps, as_dict, mmada)
 
     return wrapper
