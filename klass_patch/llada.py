@@ -136,9 +136,12 @@ def _guided(call, ids, prompt_index, attention_mask, cfg_scale, mask_id, logits_
 class _Uncached:
     """No cache: every forward is a full one (all rows, as upstream's); the window is each row's block of it."""
 
-    def __init__(self, model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, bias):
+    def __init__(self, model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, mmada):
+        # MMaDA: the mask as a pairwise attention_bias, built once (none under guidance)
+        bias = mmada_bias(attention_mask) if mmada and cfg_scale == 0.0 else None
+
         def call(inp, am):
-            if bias is not False:  # MMaDA: the mask as a pairwise attention_bias
+            if mmada:
                 return model(inp, attention_bias=bias).logits
             return (model(inp) if am is None else model(inp, attention_mask=am)).logits
         self.args = (call, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id)
@@ -201,8 +204,8 @@ def klass_generate(model, prompt, attention_mask=None, *, steps=128, gen_length=
     rows, plen = prompt.shape
     prompt_index = x != mask_id
     if cache is None:
-        bias = mmada_bias(attention_mask) if mask_as_bias and cfg_scale == 0.0 else (None if mask_as_bias else False)
-        forward = _Uncached(model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id, bias)
+        forward = _Uncached(model, prompt_index, attention_mask, cfg_scale, mask_id, logits_eos_inf, eos_id,
+                            mask_as_bias)
         attached = contextlib.nullcontext()
     else:
         cached, attached = cached_forward(model, x, prompt_index, attention_mask, cache, x.shape[1], block_length,
