@@ -3,6 +3,12 @@
     python bench/step_bench.py                      # both families, batch 1 and 8, on stand-ins
     python bench/step_bench.py --device cuda        # the same on a GPU
     KLASS_PATCH_UPSTREAM=DIR python bench/step_bench.py   # on the real upstream files (see README)
+    python bench/step_bench.py --baseline DIR       # also klass-patch as it is in DIR, in the same run
+    python bench/step_bench.py --threads 1          # one torch thread per run (a busy machine)
+
+``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add --detach /tmp/base COMMIT``): every
+round also runs upstream's and KLASS's steps with the ``klass_patch`` package of DIR (its stand-ins too), taking
+turns with this tree's, and prints both trees' ratios and this tree's KLASS step over the baseline's, per round.
 
 A stub model writes fixed random logits into its output buffer at every forward (as a model on a GPU
 writes into the same cached block each time), at L = 128 + 256 and the real vocabulary sizes. The
@@ -37,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# the klass_patch measured: this tree's, or a baseline's (set for the child processes by --baseline)
+CODE = Path(os.environ.get("STEP_BENCH_CODE") or ROOT)
+sys.path.insert(0, str(CODE))
 
 import klass_patch  # noqa: E402
 from klass_patch import cli  # noqa: E402
@@ -161,39 +169,47 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(family, what, rows, limit, device):
-    """Run one measurement in a fresh process (memory freed between runs; the peak is this run's alone).
-    Returns (the seconds of each timed step, or of each stub forward for ``what == "forward"``; peak
-    memory in bytes)."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
-            "import torch; torch.set_grad_enabled(False); "
-            f"t = b.forward_seconds({family!r}, {rows}, {device!r}) if {what!r} == 'forward' else "
-            f"b.step_gaps(b.run({family!r}, {what!r}, {rows}, {limit}, {device!r}).stamps, {WARMUP}); "
-            f"print(json.dumps([t, b.peak_memory({device!r})]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+def child(family, what, rows, limit, device, code=None):
+    """Run one measurement in a fresh process (memory freed between runs; the peak is this run's alone), with
+    the ``klass_patch`` of ``code`` (a checkout; None: this tree). Returns (the seconds of each timed step, or of
+    each stub forward for ``what == "forward"``; peak memory in bytes)."""
+    script = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import step_bench as b; "
+              "import os, torch; torch.set_grad_enabled(False); "
+              "os.environ.get('STEP_BENCH_THREADS') and torch.set_num_threads(int(os.environ['STEP_BENCH_THREADS'])); "
+              f"t = b.forward_seconds({family!r}, {rows}, {device!r}) if {what!r} == 'forward' else "
+              f"b.step_gaps(b.run({family!r}, {what!r}, {rows}, {limit}, {device!r}).stamps, {WARMUP}); "
+              f"print(json.dumps([t, b.peak_memory({device!r}), b.klass_patch.__file__]))")
+    env = dict(os.environ, STEP_BENCH_CODE=str(code or ROOT))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{family} {what} batch {rows} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    times, peak, used = json.loads(out.stdout.strip().splitlines()[-1])
+    if Path(used).resolve().parents[1] != Path(code or ROOT).resolve():
+        raise RuntimeError(f"the child measured {used}, not the klass_patch of {code or ROOT}")
+    return times, peak
 
 
 WHAT = ("forward", "upstream", "klass")
 
 
-def measure(family, batches, limit, repeat, device):
+def measure(family, batches, limit, repeat, device, baseline=None):
     """``repeat`` rounds. In a round every configuration runs once, taking turns, batch by batch, and the
     first batch runs again at the end, so that the batch-1 runs of a round bracket its batch-8 runs in
-    time. Returns the rounds (per configuration, the timed steps of its runs in that round) and the
-    smallest peak memory per configuration."""
-    order = [(what, rows) for rows in batches for what in WHAT]
+    time. With a ``baseline`` checkout, its upstream and KLASS runs (configurations ``(what, rows, "baseline")``)
+    take turns with this tree's. Returns the rounds (per configuration, the timed steps of its runs in that
+    round) and the smallest peak memory per configuration."""
+    def configs(rows):
+        return [(what, rows) for what in WHAT] + ([(what, rows, "baseline") for what in WHAT[1:]] if baseline else [])
+    order = [c for rows in batches for c in configs(rows)]
     if len(batches) > 1:
-        order += [(what, batches[0]) for what in WHAT]
+        order += configs(batches[0])
     rounds, peaks = [], {}
     for _ in range(max(1, repeat)):
         times = {}
-        for what, rows in order:
-            t, peak = child(family, what, rows, limit, device)
-            times.setdefault((what, rows), []).extend(t)
-            peaks.setdefault((what, rows), []).append(peak)
+        for config in order:
+            t, peak = child(family, config[0], config[1], limit, device, baseline if len(config) > 2 else None)
+            times.setdefault(config, []).extend(t)
+            peaks.setdefault(config, []).append(peak)
         rounds.append(times)
     return rounds, {c: min(v) for c, v in peaks.items()}
 
@@ -213,6 +229,31 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def report_baseline(family, rounds, batches, results):
+    """The baseline's step times and ratio, and this tree's KLASS step over the baseline's (per round)."""
+    for rows in batches:
+        up, kl = (statistics.median([t for r in rounds for t in r[(what, rows, "baseline")]]) for what in WHAT[1:])
+        mid, each = ratio(rounds, ("klass", rows, "baseline"), ("upstream", rows, "baseline"))
+        ours, ours_each = ratio(rounds, ("klass", rows), ("upstream", rows))
+        vs, vs_each = ratio(rounds, ("klass", rows), ("klass", rows, "baseline"))
+        results[(family, f"baseline {rows}")] = dict(upstream=up, klass=kl, klass_over_upstream=each,
+                                                      klass_over_baseline_klass=vs_each)
+        print(f"{family:<6} batch {rows}: baseline upstream step {up * 1e3:8.1f} ms | KLASS step {kl * 1e3:8.1f} ms | "
+              f"KLASS / upstream = {mid:.2f} (rounds: {_spread(each)})")
+        print(f"{family:<6} batch {rows}: KLASS / upstream, this tree {ours:.2f} vs baseline {mid:.2f}; this tree's "
+              f"KLASS step / the baseline's = {vs:.2f} (rounds: {_spread(vs_each)})")
+
+
+def _baseline_dir(path):
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    if not (path / "klass_patch" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline must be a checkout holding klass_patch/ (e.g. git worktree add --detach "
+                         f"/tmp/base COMMIT), got {path}")
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", nargs="+", default=["llada", "dream"])
@@ -223,14 +264,25 @@ def main():
     parser.add_argument("--device", default="cpu", help="where the stub model and the samplers run (cpu, cuda)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--baseline", help="a checkout of another commit: its klass_patch measured in the same run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default); "
+                                                               "on a busy machine 1 keeps threads from waiting on "
+                                                               "each other")
     args = parser.parse_args()
+    baseline = _baseline_dir(args.baseline)
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be 0 (torch's default) or a positive int, got {args.threads}")
+    if args.threads:
+        os.environ["STEP_BENCH_THREADS"] = str(args.threads)  # the child processes read it
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     limit = args.steps + WARMUP
     print(f"klass-patch step benchmark on {_modules()[2]}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {_device_name(args.device)}, L = 128 + 256")
+          f"{torch.get_num_threads()} threads, device {_device_name(args.device)}, L = 128 + 256; klass_patch of "
+          f"{ROOT}" + (f", baseline: the klass_patch of {baseline}" if baseline else ""))
     results = {}
     for family in args.family:
-        rounds, peaks = measure(family, args.batch, limit, args.repeat, args.device)
+        rounds, peaks = measure(family, args.batch, limit, args.repeat, args.device, baseline)
         for rows in args.batch:
             fwd, up, kl = (statistics.median([t for r in rounds for t in r[(what, rows)]]) for what in WHAT)
             mid, each = ratio(rounds, ("klass", rows), ("upstream", rows))
@@ -247,6 +299,8 @@ def main():
                 line.append(f"{mid:.2f} (rounds: {_spread(each)})")
             print(f"{family:<6} batch 8 step / batch 1 step: KLASS {line[2]} (target < 8); upstream {line[1]}; "
                   f"stub forward {line[0]}")
+        if baseline:
+            report_baseline(family, rounds, args.batch, results)
         if not args.no_memory and 1 in args.batch:
             base = results[(family, 1)]["upstream_peak"]
             ours = results[(family, 1)]["klass_peak"] - base
@@ -255,7 +309,9 @@ def main():
             print(f"{family:<6} batch 1 extra peak memory over upstream: KLASS {ours / 2**20:8.1f} MiB | "
                   f"authors' layout {theirs / 2**20:8.1f} MiB | ratio = {ours / theirs:.3f} (target <= 0.25)")
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=1))
+        part = Path(args.json).with_name(Path(args.json).name + ".part")
+        part.write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=1))
+        os.replace(part, args.json)
 
 
 if __name__ == "__main__":
