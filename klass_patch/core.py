@@ -526,9 +526,9 @@ class KlassStep:
         self.history = torch.zeros((rows, width, config.kl_history_length), dtype=torch.float64, device=self.device)
         self.log_prev: Optional[torch.Tensor] = None  # [rows, width, V], at the first step
         self._plan = None  # the chunks of the window (``_window_chunks``), made with the store
-        self._schedule = None if rules.schedule is None else torch.tensor(rules.schedule)  # a host copy's
-        if self._schedule is not None and self.device.type != "cpu":  # ... transfer to the device (not a read)
-            self._schedule = self._schedule.to(self.device)
+        self._schedule = None if rules.schedule is None else torch.tensor(rules.schedule)  # built on the host, ...
+        if self._schedule is not None and self.device.type != "cpu":  # ... then sent (a copy, not a sync)
+            self._schedule = self._schedule.to(self.device, non_blocking=True)
 
     def _store(self, vocab: int) -> torch.Tensor:
         if self.log_prev is None or self.log_prev.shape[-1] != vocab:
