@@ -57,6 +57,25 @@ def test_counter_does_not_count_reads_of_host_copies(hr):
     assert mode.total == 2  # the .cpu() and x.tolist()
 
 
+def test_klass_patch_reads_told_apart(hr):
+    """Reads whose first frame outside torch is in the klass_patch package are klass-patch's own (the KLASS limits
+    apply to them); others (upstream's code, here this test's) are not."""
+    import klass_patch
+    x = torch.arange(3)
+    in_package = compile("x.tolist(); bool(x.any())", str(Path(klass_patch.__file__).parent / "any_module.py"), "exec")
+    with hr.HostReads() as mode:
+        exec(in_package, {"x": x})
+        x.tolist()
+    assert (mode.total, mode.ours) == (3, 2)
+
+
+def test_model_reads_subtracted_per_call(hr):
+    """Each model call's reads beyond a plain forward's are counted, and a call that reads less than a plain forward
+    takes nothing off the sampler's count."""
+    assert hr.beyond_plain([1, 1, 1], 1) == 0
+    assert hr.beyond_plain([0, 0, 3], 1) == 2  # two window forwards that skip the plain read, one with 2 more
+
+
 def test_model_calls_counted_apart(hr):
     """Reads inside the model's calls are told apart (the model's own count is subtracted from the runs)."""
     model = torch.nn.Linear(3, 3)
