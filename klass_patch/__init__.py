@@ -4,7 +4,9 @@
     klass_patch.apply()          # patch what is imported now and later
     generate(model, prompt, ..., alg="klass", conf_threshold=0.6, kl_threshold=0.015, kl_history_length=2)
     model.diffusion_generate(ids, ..., alg="klass", conf_threshold=0.9, kl_threshold=0.001)
-    klass_patch.revert()         # put upstream back
+    klass_patch.revert()         # put upstream's samplers back (transformers 5.x shims stay: loaded models need them)
+    klass_patch.revert(compat=True)  # ... and remove those shims too (Dream/LLaDA then fail on transformers 5.x)
+    klass_patch.patched()        # what is patched: by apply(), and files rewritten by `klass-patch install`
 
 The algorithm is in ``klass_patch.core``; the family adapters in ``klass_patch.llada`` and
 ``klass_patch.dream``; the patching rules in ``klass_patch.patching``.

@@ -2,7 +2,8 @@
 
 With them, Dream (``modeling_dream.py``, ``configuration_dream.py``, ``generation_utils.py``) and LLaDA
 (``modeling_llada.py``, ``configuration_llada.py``) load, run, generate and save on transformers 5.x with results
-bitwise equal to transformers 4.46.2 (checked on 5.0.0 and 5.23.0 with torch 2.13 on the CPU: tests/test_compat.py).
+bitwise equal to transformers 4.46.2 (checked on 5.0.0, 5.23.0, 5.24.0 and 5.25.0 with torch 2.13 on the CPU:
+tests/test_compat.py; 5.25.0 with ``USE_HUB_KERNELS=0``, its ``kernels`` >= 0.19.1 being out of reach there).
 
 Scope: a shim changes only remote-code classes, found in the executed module by class name (and base class name);
 no transformers function or native class is touched, so native models behave exactly as without the shims.
@@ -10,7 +11,8 @@ no transformers function or native class is touched, so native models behave exa
 When: several breakages fire inside ``from_pretrained(..., trust_remote_code=True)``, which imports the remote code
 and builds the model in one call, so the shims must be in place before it. ``klass_patch.apply()`` (no argument)
 applies them to the matching modules already imported and, through its import hook, to every module executed later;
-``klass_patch.revert()`` undoes them; ``applied()`` says what is in place. On transformers < 5 nothing is applied.
+``klass_patch.revert()`` keeps them (the models loaded with them need them), ``klass_patch.revert(compat=True)``
+undoes them; ``applied()`` says what is in place. On transformers < 5 nothing is applied.
 
 Installed route (a ``generation_utils.py`` rewritten by ``klass-patch install``, no ``apply()``): Dream's
 ``modeling_dream.py`` imports that file before it defines its own classes, so no import hook can be in place before
@@ -23,6 +25,7 @@ Each entry of ``SHIMS``: name, family, the transformers versions that need it (a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -267,13 +270,67 @@ def _building_on_meta() -> bool:
     return current() == torch.device("meta")
 
 
+_no_init = threading.local()  # .depth > 0: this thread is building a LLaDAModelLM inside from_pretrained (L4)
+_no_init_lock = threading.Lock()
+_no_init_users = 0  # threads inside _torch_init_skipped_in_this_thread(); the skipping functions are in place while > 0
+_no_init_saved: Dict[str, Callable] = {}  # torch.nn.init's functions that the skipping ones replaced
+
+
+def _skipping(function):
+    """torch.nn.init's ``function``, a no-op in a thread inside ``_torch_init_skipped_in_this_thread()``."""
+    @functools.wraps(function)
+    def skipped_in_building_thread(*args, **kwargs):
+        if getattr(_no_init, "depth", 0):
+            return None  # 4.46.2's no_init_weights() put `lambda *args, **kwargs: None`-like functions in place
+        return function(*args, **kwargs)
+    skipped_in_building_thread.__klass_compat_skipping__ = function
+    return skipped_in_building_thread
+
+
+@contextlib.contextmanager
+def _torch_init_skipped_in_this_thread():
+    """torch.nn.init's functions do nothing in this thread while inside; other threads get torch's own.
+
+    The module attributes are replaced once, by functions that ask a thread-local flag, for as long as any thread is
+    inside (a count under a lock), and put back by the last to leave: a model that another thread builds meanwhile
+    is initialised as usual."""
+    import torch
+    global _no_init_users
+    init = torch.nn.init
+    with _no_init_lock:
+        if _no_init_users == 0:
+            for name in _TORCH_INIT_FUNCTIONS:
+                function = getattr(init, name, None)
+                if function is None:
+                    continue
+                function = getattr(function, "__klass_compat_skipping__", function)  # one left by an interleaving
+                _no_init_saved[name] = function
+                setattr(init, name, _skipping(function))
+        _no_init_users += 1
+    depth = getattr(_no_init, "depth", 0)
+    _no_init.depth = depth + 1
+    try:
+        yield
+    finally:
+        _no_init.depth = depth
+        with _no_init_lock:
+            _no_init_users -= 1
+            if _no_init_users == 0:
+                for name, function in _no_init_saved.items():
+                    # put torch's back unless something else replaced ours meanwhile (then its restore brings ours
+                    # back later: ours passes through to torch's function outside a building thread)
+                    if getattr(getattr(init, name, None), "__klass_compat_skipping__", None) is function:
+                        setattr(init, name, function)
+                _no_init_saved.clear()
+
+
 def _l4_no_init_in_from_pretrained(m):
     # LLaDAModelLM builds its LLaDAModel with init_device="cpu", so 5.x's meta-device context does not reach it:
     # torch's default init runs on the CPU for the whole model, drawing from the global RNG. 4.46.2 built it under
     # no_init_weights() (torch.nn.init a no-op: no draws), so `manual_seed(s); load; sample` differed. Re-create that
     # while a LLaDAModelLM is built inside from_pretrained only (the checkpoint overwrites the weights); from_config
-    # and direct construction are unchanged, as in 4.x. Like 4.x's, the swap is process-wide while it lasts.
-    import torch
+    # and direct construction are unchanged, as in 4.x. Unlike 4.x's, the no-op is for the building thread only: a
+    # model built by another thread meanwhile is initialised.
     cls = m.LLaDAModelLM
     original = cls.__dict__["__init__"]
 
@@ -281,14 +338,8 @@ def _l4_no_init_in_from_pretrained(m):
     def __init__(self, *args, **kwargs):
         if not _building_on_meta():
             return original(self, *args, **kwargs)
-        saved = {name: getattr(torch.nn.init, name) for name in _TORCH_INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
-        try:
-            for name in saved:
-                setattr(torch.nn.init, name, lambda *args, **kwargs: None)
+        with _torch_init_skipped_in_this_thread():
             return original(self, *args, **kwargs)
-        finally:
-            for name, function in saved.items():
-                setattr(torch.nn.init, name, function)
     return [(cls, "__init__", __init__)]
 
 
@@ -446,9 +497,13 @@ def applied() -> Dict[str, List[str]]:
         return {module.__name__: list(names) for module, names, _ in _applied.values()}
 
 
-def revert() -> None:
-    """Undo every shim applied."""
+def revert() -> Dict[str, List[str]]:
+    """Undo every shim applied; returns what was in place (module name -> shim names). On transformers 5.x the
+    Dream and LLaDA models loaded with them, and new loads of their remote code, fail again (see ``SHIMS``' fixes)
+    until the shims are applied again."""
     with _lock:
+        removed = {module.__name__: list(names) for module, names, _ in _applied.values()}
         for _, _, records in reversed(list(_applied.values())):
             undo(records)
         _applied.clear()
+        return removed

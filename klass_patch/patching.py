@@ -14,8 +14,10 @@ Wrapping uses ``wrapt`` (signatures and introspection survive); revert puts the 
 Face's dynamic modules alike), every matching module loaded later. Both are idempotent.
 
 On transformers 5.x the same ``apply()`` and hook also put ``klass_patch.compat``'s shims on Dream's and LLaDA's
-remote code (every module, not only the targets above), so that it runs there as on 4.46.2; ``revert()`` undoes
-them, and ``klass_patch.compat.applied()`` says which are in place (``patched()`` lists only KLASS's targets).
+remote code (every module, not only the targets above), so that it runs there as on 4.46.2;
+``klass_patch.compat.applied()`` says which are in place (``patched()`` lists only KLASS's targets). They fix
+upstream's breakage on 5.x, not KLASS: ``revert()`` keeps them (and the hook, for them only, while they are in
+use), so that what is loaded or installed keeps working; ``revert(compat=True)`` removes them too.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 import wrapt
 
 from . import compat, dream, llada
+from . import compat as _compat  # revert()'s parameter is named compat
 from .versions import STANDIN_MARK, dream_missing, identify_module, known_ids, llada_missing, module_file
 
 __all__ = ["apply", "revert", "patched", "patch_installed", "PatchInfo", "IncompatibleUpstreamError",
@@ -103,6 +106,10 @@ TARGETS: Dict[str, _Target] = {
 
 _lock = threading.RLock()
 _patched: Dict[int, tuple] = {}  # id(module) -> (module, PatchInfo, [(owner, name, original)])
+# files rewritten by `klass-patch install` that patched themselves (patch_installed), for good:
+_installed: Dict[int, tuple] = {}  # id(their globals) -> (globals, PatchInfo)
+# "original": the loader's own exec_module; "targets": KLASS's patch too (apply()), not only compat's shims;
+# "installed": an installed file needs the compat part for the model code loaded after it (revert() keeps it)
 _hook: Dict[str, object] = {}
 
 
@@ -181,7 +188,7 @@ def _remove_hook():
     if "original" in _hook:
         loader = importlib.machinery.SourceFileLoader
         original = _hook.pop("original")
-        _hook.pop("targets", None)
+        _hook.clear()
         if original is None:
             del loader.exec_module
         else:
@@ -250,7 +257,8 @@ def patch_installed(namespace: dict, family: str, version: str) -> None:
     """Called by a file that ``klass-patch install`` rewrote, at the end of its own execution, with its
     globals: however it was loaded (``import``, ``spec_from_file_location`` with or without ``sys.modules``,
     ``exec``, ``importlib.reload``), its objects are wrapped exactly as ``apply(module)`` wraps them, for
-    good: ``revert()`` leaves them (the file itself is what ``klass-patch revert`` restores)."""
+    good: ``revert()`` leaves them (the file itself is what ``klass-patch revert`` restores). ``patched()`` lists
+    it, its version marked "(installed file)"."""
     module = sys.modules.get(namespace.get("__name__"))
     if module is None or module.__dict__ is not namespace:
         module = _Namespace(namespace)
@@ -261,26 +269,66 @@ def patch_installed(namespace: dict, family: str, version: str) -> None:
         raise IncompatibleUpstreamError(f"klass_patch: {namespace.get('__name__')} ({version}) lacks "
                                         f"{', '.join(missing)}")
     target.gate(module)
-    _wrap(target, module)
-    version = compat.transformers_version()
-    if family == "llada" and version is not None and version.major >= 5:
-        # LLaDA's scripts import generate.py before they load the model: the model code loaded from now on gets
-        # compat's shims (KLASS's patch of other files stays apply()'s)
-        _install_hook(targets=False)
-
-
-def revert() -> None:
-    """Put back every original object, undo ``compat``'s shims and remove the import hook."""
+    path = namespace.get("__file__")
     with _lock:
-        _remove_hook()
-        compat.revert()
+        _wrap(target, module)
+        _installed[id(namespace)] = (namespace, PatchInfo(str(namespace.get("__name__")), family,
+                                                          f"{version} (installed file)", str(path) if path else None))
+        tf_version = compat.transformers_version()
+        if family == "llada" and tf_version is not None and tf_version.major >= 5:
+            # LLaDA's scripts import generate.py before they load the model: the model code loaded from now on gets
+            # compat's shims (KLASS's patch of other files stays apply()'s), after revert() too
+            _install_hook(targets=False)
+            _hook["installed"] = True
+
+
+def _names(names: List[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def revert(compat: bool = False) -> Dict[str, List[str]]:
+    """Put back every original object that ``apply()`` wrapped (``alg="klass"`` is upstream's error again) and stop
+    patching modules imported later. Files rewritten by ``klass-patch install`` stay patched (``klass-patch revert``
+    restores them).
+
+    ``klass_patch.compat``'s shims (transformers 5.x) stay: they fix upstream's breakage, not KLASS, and the Dream
+    and LLaDA models loaded with them (after ``apply()``, or through installed files) need them for every call,
+    upstream's algorithms included. So does the import hook, for them only, while a shim is in place or an installed
+    file needs it: Dream and LLaDA still load afterwards. Returns ``{}``.
+
+    ``revert(compat=True)`` also removes the shims and the whole hook, and returns what it removed (module name ->
+    shim names). On transformers 5.x that breaks what is loaded: Dream's calls fail (``DreamGenerationConfig
+    .validate() got an unexpected keyword argument 'user_set_attributes'``), and so does loading (Dream: ``KeyError:
+    'default'``; LLaDA: no attribute ``all_tied_weights_keys``), until ``apply()`` is called again; a
+    ``RuntimeWarning`` says so. On transformers 4.x there are no shims: both forms are the same."""
+    with _lock:
+        removed: Dict[str, List[str]] = {}
+        if compat:
+            _remove_hook()
+            removed = _compat.revert()
+            version = _compat.transformers_version()
+            if removed and version is not None and version.major >= 5:
+                warnings.warn(
+                    f"klass_patch.revert(compat=True) removed transformers {version}'s compatibility shims from "
+                    f"{_names(sorted(removed))}: the Dream and LLaDA models loaded with them now fail (Dream on "
+                    f"every call: DreamGenerationConfig.validate() got an unexpected keyword argument), and so does "
+                    f"loading them (KeyError: 'default'; no attribute 'all_tied_weights_keys'), until "
+                    f"klass_patch.apply()", RuntimeWarning, stacklevel=2)
+        elif _compat.applied() or _hook.get("installed"):
+            _hook["targets"] = False  # the hook stays, for compat's shims only
+        else:
+            _remove_hook()
         for module, info, saved in _patched.values():
             for owner, name, original in reversed(saved):
                 setattr(owner, name, original)
         _patched.clear()
+        return removed
 
 
 def patched() -> List[PatchInfo]:
-    """What is patched now: module name, family, upstream version, file."""
+    """What is patched now (module name, family, upstream version, file): by ``apply()``, and the files rewritten by
+    ``klass-patch install`` that this process executed."""
     with _lock:
-        return [info for _, info, _ in _patched.values()]
+        seen = {id(vars(module)) for module, _, _ in _patched.values()}
+        return [info for _, info, _ in _patched.values()] + \
+            [info for key, (_, info) in _installed.items() if key not in seen]

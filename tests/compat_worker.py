@@ -4,7 +4,7 @@ repository on PYTHONPATH. Each command writes what it computed to OUT with torch
     compat_worker.py build  DIR DREAM_FILES... [--llada LLADA_FILES...]  # tiny Dream/LLaDA folders (random weights)
     compat_worker.py run    DIR OUT [--apply] [--llada-generate FILE]    # logits, generations, RNG state
     compat_worker.py native OUT [--apply]                                # a native tiny Llama
-    compat_worker.py revert DIR OUT                                      # apply() then revert(): identity kept?
+    compat_worker.py revert DIR OUT                  # apply(), load, revert(): still runs? revert(compat=True): identity?
 """
 import argparse
 import importlib.util
@@ -216,10 +216,30 @@ def _snapshot(modules):
     return out
 
 
+def _dream_call(model, **kwargs):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model.diffusion_generate(ids, max_new_tokens=4, steps=4, temperature=0.0, return_dict_in_generate=True,
+                                   **kwargs)
+    return out.sequences.tolist()
+
+
+def _error(function):
+    try:
+        function()
+    except Exception as exc:  # noqa: BLE001 (what the user would see)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def revert(a):
-    """Import the remote code (without building a model), apply(), load and run, revert(): every attribute of the
-    remote-code modules, their classes and the source loader is the object it was before."""
+    """Import the remote code (without building a model), apply(), load and run, then:
+
+    - revert(): the models loaded still compute the same (Dream's maskgit_plus too; its alg="klass" is gone), and a
+      copy of each folder (new remote-code modules) still loads and computes the same;
+    - revert(compat=True): every attribute of the remote-code modules, their classes and the source loader is the
+      object it was before apply()."""
     import importlib.machinery
+    import warnings
     import klass_patch
     from klass_patch import compat
     from transformers import AutoConfig
@@ -236,20 +256,45 @@ def revert(a):
     klass_patch.apply()
     shimmed = compat.applied()
     attributes = {attr for _, _, records in compat._applied.values() for _, attr, _ in records}
-    ran = {}
-    for family in families:
-        model = _load(os.path.join(a.dir, family))
+    ran, models, dream_before = {}, {}, None
+
+    def logits_sum(model):
         with torch.no_grad():
-            ran[family] = float(model(torch.tensor([[5, 6, 7, 8]])).logits.sum())
-    klass_patch.revert()
+            return float(model(torch.tensor([[5, 6, 7, 8]])).logits.sum())
+    for family in families:
+        models[family] = _load(os.path.join(a.dir, family))
+        ran[family] = logits_sum(models[family])
+    if "dream" in models:
+        dream_before = _dream_call(models["dream"], alg="maskgit_plus")
+
+    kept = {"returned": klass_patch.revert(), "applied_after": compat.applied() == shimmed and bool(shimmed)}
+    for family, model in models.items():
+        kept[f"{family}/same_logits"] = logits_sum(model) == ran[family]
+        with tempfile.TemporaryDirectory() as parent:  # a new module name: imported through the import hook
+            copy = os.path.join(parent, f"{family}_loaded_after_revert")
+            shutil.copytree(os.path.join(a.dir, family), copy)
+            kept[f"{family}/new_load_same_logits"] = logits_sum(_load(copy)) == ran[family]
+    if "dream" in models:
+        kept["dream/maskgit_plus"] = _dream_call(models["dream"], alg="maskgit_plus") == dream_before
+        kept["dream/klass_error"] = _error(lambda: _dream_call(models["dream"], alg="klass"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        removed = klass_patch.revert(compat=True)
     after = _snapshot(modules)
     # every attribute as it was; of those added since (Hugging Face adds some while loading: _auto_class, ...),
     # none is one that a shim set
     changed = sorted(".".join(k) for k in before.keys() | after.keys() if before.get(k, "absent") is not
                      after.get(k, "absent") and (k in before or k[-1] in attributes))
+    broken = {}
+    if "dream" in models:
+        broken["dream/maskgit_plus"] = _error(lambda: _dream_call(models["dream"], alg="maskgit_plus"))
     with open(a.out, "w") as f:
-        json.dump({"modules": [m.__name__ for m in modules], "shimmed": shimmed, "ran": ran, "changed": changed,
-                   "loader_restored": dict(vars(loader)) == before_loader, "applied_after": compat.applied()}, f)
+        json.dump({"modules": [m.__name__ for m in modules], "shimmed": shimmed, "ran": ran, "kept": kept,
+                   "removed": sorted(removed), "warned": [str(w.message) for w in caught
+                                                          if issubclass(w.category, RuntimeWarning)],
+                   "broken": broken, "changed": changed, "loader_restored": dict(vars(loader)) == before_loader,
+                   "applied_after": compat.applied()}, f)
 
 
 if __name__ == "__main__":

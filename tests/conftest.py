@@ -74,11 +74,24 @@ def needs_transformers(path):
         pytest.importorskip("transformers", reason="the real Dream generation_utils.py imports transformers")
 
 
+def revert_everything():
+    """Nothing of klass-patch's left in place: KLASS's patch, and compat's shims and import hook (``revert()`` keeps
+    those; ``compat=True``'s warning about what stops working is for users), and the record of installed files that
+    ``patched()`` lists (the files stay patched for the process; the tests start afresh)."""
+    import warnings
+
+    from klass_patch import patching
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"klass_patch\.revert\(compat=True\)", RuntimeWarning)
+        klass_patch.revert(compat=True)
+    patching._installed.clear()
+
+
 @pytest.fixture(autouse=True)
 def _reverted():
-    klass_patch.revert()
+    revert_everything()
     yield
-    klass_patch.revert()
+    revert_everything()
 
 
 def standin_catalog(folder, versions=None):

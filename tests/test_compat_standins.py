@@ -11,10 +11,15 @@ are conftest.py's temporary ones).
   does not need is skipped, saying so). This is what proves the stand-ins faithful and each shim needed.
 - With ``klass_patch.apply()`` (4.x and 5.x): the loaded models compute and generate exactly as the objects that were
   saved; load draws nothing from the global RNG; save_pretrained works; ``compat.applied()`` lists the shims that
-  this transformers needs (none on 4.x); ``revert()`` puts every attribute back.
+  this transformers needs (none on 4.x); ``revert(compat=True)`` puts every attribute back.
+- ``revert()`` keeps the shims (issue 18, item 2): after ``apply()``, load, ``revert()`` (and through installed
+  files), the loaded models still compute and generate with upstream's algorithms, KLASS is gone (but stays in
+  installed files, which ``patched()`` lists), and Dream and LLaDA still load.
+- L4 keeps torch.nn.init a no-op in the thread that loads LLaDA only: a model another thread builds meanwhile is
+  initialised (item 13c).
 - A native transformers model computes the same with and without ``apply()``.
 
-In-process: conftest's autouse fixture calls ``klass_patch.revert()`` around each test, and the remote-code modules,
+In-process: conftest's autouse fixture calls ``klass_patch.revert(compat=True)`` around each test, and the remote-code modules,
 imported once, are shimmed and unshimmed in place (and dropped from sys.modules at the end). The module's fixture
 runs torch on one thread while it lasts: with matrices this small a second one only waits, seconds per test on a
 busy machine.
@@ -33,7 +38,7 @@ transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402
 
 import klass_patch  # noqa: E402
-from conftest import HF_TEMP, load_file  # noqa: E402
+from conftest import HF_TEMP, load_file, revert_everything  # noqa: E402
 from klass_patch import compat  # noqa: E402
 from compat_worker import _plain  # noqa: E402  (a generation output as tensors, lists and dicts)
 
@@ -187,16 +192,16 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("standins")
     imported, threads = set(sys.modules), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: a second thread only waits (seconds per test on a busy machine)
-    klass_patch.revert()
+    revert_everything()
     klass_patch.apply()
     try:
         dream, dream_folder = _build(root, "dream", DREAM_CONFIG, seed=1)
         (dream_folder / "generation_config.json").write_text(json.dumps(DREAM_GENERATION_CONFIG))
         llada, llada_folder = _build(root, "llada", LLADA_CONFIG, seed=2)
     finally:
-        klass_patch.revert()
+        revert_everything()
     yield SimpleNamespace(root=root, dream=dream, dream_folder=dream_folder, llada=llada, llada_folder=llada_folder)
-    klass_patch.revert()
+    revert_everything()
     torch.set_num_threads(threads)
     for name in set(sys.modules) - imported:  # a later apply() in this session must not meet them
         if name.startswith((MINE, "_klass_test_llada_generate")):
@@ -457,13 +462,152 @@ def test_revert_puts_every_attribute_back(built):
     in_place = _applied_by_file()
     assert in_place == {**_expected("dream"), **_expected("llada")}
     attributes = {attr for _, _, records in compat._applied.values() for _, attr, _ in records}
-    klass_patch.revert()
+    hooked = dict(vars(loader))
+    klass_patch.revert()  # KLASS's patch only: the shims stay (and the hook, for them, where there are any)
+    assert _applied_by_file() == in_place and dict(vars(loader)) == (hooked if TF5 else before_loader)
+    if TF5:
+        with pytest.warns(RuntimeWarning, match=r"revert\(compat=True\) removed transformers .* and \d+ more: "):
+            klass_patch.revert(compat=True)
+    else:
+        klass_patch.revert(compat=True)
     assert compat.applied() == {}
     after = _snapshot(modules)
     changed = sorted(".".join(k) for k in before.keys() | after.keys()
                      if before.get(k, "absent") is not after.get(k, "absent") and (k in before or k[-1] in attributes))
     assert changed == []
     assert dict(vars(loader)) == before_loader
+
+
+# ------------------------------------------------------------------------- revert() keeps the shims (item 2)
+def _fresh_copy(built, folder, name):
+    """A copy of a saved model folder that loads its own code: new remote-code modules (through the import hook)."""
+    copy = built.root / name
+    shutil.copytree(folder, copy)
+    _own_code(copy)
+    return copy
+
+
+def _llada_logits(model):
+    with torch.no_grad():
+        return model(_llada_inputs()[0]).logits
+
+
+def test_revert_keeps_what_loaded_models_and_new_loads_need(built):
+    """Issue 18, item 2: after apply(), load, revert(), the loaded Dream still generates with upstream's algorithms
+    (maskgit_plus; on 5.x it failed: validate() got 'user_set_attributes'), KLASS is gone, and Dream and LLaDA still
+    load (they failed: KeyError 'default', no 'all_tied_weights_keys'). revert(compat=True) removes the shims and
+    says what stops working."""
+    klass_patch.apply()
+    dream = _load(built.dream_folder)
+    llada = _load(built.llada_folder, "AutoModelForCausalLM")
+    greedy = dict(alg="maskgit_plus", temperature=0.0)
+    expected = {"maskgit": _dream_generate(dream, **greedy), "sampled": _dream_generate(dream, 1234, alg="origin"),
+                "llada": _llada_logits(llada)}
+    assert _equal(expected["maskgit"], _dream_generate(built.dream, **greedy))
+    assert "used_steps" in _dream_generate(dream, temperature=0.0, **DREAM_KLASS)
+    shimmed = _applied_by_file()
+
+    assert klass_patch.revert() == {}
+    assert _applied_by_file() == shimmed and klass_patch.patched() == []
+    with pytest.raises(RuntimeError, match="Unknown alg: klass"):  # KLASS's patch is undone, as before
+        _dream_generate(dream, temperature=0.0, **DREAM_KLASS)
+    assert _equal(_dream_generate(dream, **greedy), expected["maskgit"])
+    assert _equal(_dream_generate(dream, 1234, alg="origin"), expected["sampled"])
+    assert torch.equal(_llada_logits(llada), expected["llada"])
+    # new loads, of new remote-code modules too
+    again = _load(_fresh_copy(built, built.dream_folder, "standin_dream_after_revert"))
+    assert _equal(_dream_generate(again, **greedy), expected["maskgit"])
+    again = _load(_fresh_copy(built, built.llada_folder, "standin_llada_after_revert"), "AutoModelForCausalLM")
+    assert torch.equal(_llada_logits(again), expected["llada"])
+
+    if not TF5:
+        assert klass_patch.revert(compat=True) == {}  # nothing to remove on 4.x
+        assert _equal(_dream_generate(dream, **greedy), expected["maskgit"])
+        return
+    with pytest.warns(RuntimeWarning, match=r"revert\(compat=True\) removed .* now fail"):
+        removed = klass_patch.revert(compat=True)
+    assert {name.rsplit(".", 1)[-1] for name in removed if name.startswith(MINE)} >= set(shimmed)
+    assert compat.applied() == {}
+    with pytest.raises((TypeError, AttributeError)):  # validate(user_set_attributes=...) on 5.23+, 'eps' before
+        _dream_generate(dream, **greedy)
+    with pytest.raises(KeyError, match="default"):
+        _load(_fresh_copy(built, built.dream_folder, "standin_dream_after_revert_compat"))
+
+
+def test_revert_keeps_installed_files_working_and_patched_lists_them(built):
+    """Item 2 through the installed route (no apply()), and item 12e: patched() lists the installed files."""
+    from klass_patch import installer
+    generate_file = built.root / "installed_generate_for_revert.py"
+    generate_file.write_text(TOY_LLADA_GENERATE.read_text() + installer.shim("llada", "standin"))
+    generate = load_file(generate_file).generate  # imported first, as LLaDA's scripts do
+    assert [(i.family, i.version, i.file) for i in klass_patch.patched()] == \
+        [("llada", "standin (installed file)", str(generate_file))]
+    klass_patch.revert()  # before the model is loaded: what installed generate.py put in place for it stays
+    llada = _load(_fresh_copy(built, built.llada_folder, "standin_llada_installed_revert"), "AutoModelForCausalLM")
+
+    folder = _fresh_copy(built, built.dream_folder, "standin_dream_installed_revert")
+    with open(folder / "generation_utils.py", "a") as f:
+        f.write(installer.shim("dream", "standin"))
+    dream = _load(folder)
+    infos = sorted((i.family, i.version, Path(i.file).name) for i in klass_patch.patched())
+    assert infos == [("dream", "standin (installed file)", "generation_utils.py"),
+                     ("llada", "standin (installed file)", generate_file.name)]
+
+    ids, mask = _llada_inputs()
+    common = dict(steps=8, gen_length=8, block_length=4, mask_id=255, **LLADA_KLASS)
+    runs = (dict(alg="maskgit_plus", temperature=0.0), dict(temperature=0.0, **DREAM_KLASS))
+
+    def outputs():
+        return [_dream_generate(dream, **kwargs) for kwargs in runs] + [generate(llada, ids, mask, **common)]
+    before = outputs()
+    assert "used_steps" in before[1]
+    klass_patch.revert()  # installed files stay patched; their models keep their shims
+    assert all(map(_equal, outputs(), before))
+    assert sorted((i.family, i.version, Path(i.file).name) for i in klass_patch.patched()) == infos
+    again = _load(_fresh_copy(built, folder, "standin_dream_installed_revert_again"))
+    assert _equal(_dream_generate(again, **runs[1]), before[1])
+
+
+# ------------------------------------------------------------------ L4 is for the building thread only (item 13c)
+@needs_tf5
+def test_l4_leaves_torch_init_alone_in_other_threads(built, monkeypatch):
+    """While one thread loads LLaDA (L4: torch.nn.init a no-op, as 4.46.2's no_init_weights()), another thread
+    builds a torch model: it is initialised as usual (before: torch.nn.init was a no-op process-wide, so its weights
+    were whatever torch.empty left)."""
+    import threading
+    klass_patch.apply()
+    inner = type(_load(built.llada_folder, "AutoModelForCausalLM").model)  # the stand-in's LLaDAModel
+    inside, built_meanwhile = threading.Event(), threading.Event()
+    original = inner.__init__
+
+    def pausing(self, *args, **kwargs):  # inside L4's window: let the other thread build, then go on
+        original(self, *args, **kwargs)
+        inside.set()
+        assert built_meanwhile.wait(60)
+    monkeypatch.setattr(inner, "__init__", pausing)
+    torch.manual_seed(5)
+    reference = torch.nn.Linear(32, 32).weight.detach().clone()
+    loaded, errors, weights = [], [], []
+
+    def load():
+        try:
+            loaded.append(_load(built.llada_folder, "AutoModelForCausalLM"))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+            inside.set()
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        assert inside.wait(60)
+        torch.manual_seed(5)
+        weights.append(torch.nn.Linear(32, 32).weight.detach().clone())
+    finally:
+        built_meanwhile.set()
+        loader.join(60)
+    assert errors == [] and len(loaded) == 1
+    assert torch.equal(weights[0], reference), "a model built in another thread during the LLaDA load was not initialised"
+    assert torch.equal(_llada_logits(loaded[0]), _llada_logits(built.llada))
+    assert not any(hasattr(getattr(torch.nn.init, n), "__klass_compat_skipping__") for n in compat._TORCH_INIT_FUNCTIONS)
 
 
 # ------------------------------------------------------------------------------------------------- native model

@@ -71,7 +71,8 @@ def test_dream_traces(path, how, tmp_path):
         klass_patch.apply(module)
     elif how == "installed file":  # rewritten by the installer; no runtime apply()
         module = load_file(installed_copy(path, "dream", tmp_path))
-        assert klass_patch.patched() == []
+        assert [(i.module, i.family, i.version.endswith("(installed file)")) for i in klass_patch.patched()] == \
+            [(module.__name__, "dream", True)]  # listed (issue 18, item 12e)
     else:
         klass_patch.apply()
         module = load_file(path)  # patched by the import hook
